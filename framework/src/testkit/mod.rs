@@ -1,0 +1,445 @@
+//! A real Apache Kafka for tests and demos: embedded, external, or in Docker.
+//!
+//! onceflow's promises (exactly-once, fencing, rebalance safety) can only be shown against a
+//! real broker: librdkafka's mock cluster writes no commit/abort markers, ignores
+//! `isolation.level` and never fences a producer. So this module starts the real thing, the way
+//! Spring users use `EmbeddedKafka`:
+//!
+//! * **Embedded** (default): Apache Kafka's broker jars are fetched once from Maven Central into
+//!   a cache ([`cache_dir`]), and each node runs as a child JVM in KRaft mode (combined broker +
+//!   controller) on free `127.0.0.1` ports in a fresh temporary directory. Needs Java 17+ and
+//!   Maven the first time, Java only after that.
+//! * **External**: when `KAFKA_BOOTSTRAP_SERVERS` is set, [`Kafka::start`] and
+//!   [`Kafka::shared`] use that cluster instead and start nothing.
+//! * **Docker** (feature `testcontainers`): [`Kafka::docker`] runs the `apache/kafka` image.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), onceflow::testkit::TestkitError> {
+//! use onceflow::testkit::Kafka;
+//!
+//! // One broker for every test in this process (started on first use).
+//! let kafka = Kafka::shared().await?;
+//! kafka.create_topic("orders", 3, 1).await?;
+//! println!("bootstrap.servers = {}", kafka.bootstrap_servers());
+//!
+//! // A three-node cluster of its own, with a node to kill.
+//! let cluster = Kafka::start_with(onceflow::testkit::KafkaOptions::cluster(3)).await?;
+//! cluster.kill_node(2)?;
+//! cluster.restart_node(2).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Brokers are killed when their [`Kafka`] is dropped, including when a test panics, and also
+//! when the test process itself dies (the kernel delivers `SIGKILL` to them). Their directory,
+//! with each node's `server.log`, is kept and its path printed when a test panicked or a start
+//! failed.
+
+mod embedded;
+mod error;
+mod jars;
+mod readback;
+
+#[cfg(feature = "testcontainers")]
+mod docker;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+
+pub use error::{Result, TestkitError};
+pub use jars::{CACHE_DIR_ENV, FALLBACK_KAFKA_VERSION, KAFKA_VERSION, cache_dir};
+pub use readback::{
+    Isolation, ReadRecord, committed_offsets_blocking, end_offsets_blocking, read_all,
+    read_all_blocking,
+};
+
+/// Environment variable naming an existing cluster to use instead of starting one.
+pub const BOOTSTRAP_SERVERS_ENV: &str = "KAFKA_BOOTSTRAP_SERVERS";
+
+/// Environment variable that overrides [`KAFKA_VERSION`] for the embedded broker.
+pub const VERSION_ENV: &str = "ONCEFLOW_KAFKA_VERSION";
+
+/// How to start an embedded broker or cluster. Every field has a documented default.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct KafkaOptions {
+    /// Number of nodes, each a combined broker + controller. Default 1. With 3 or more, the
+    /// internal topics and `default.replication.factor` use RF 3 and `min.insync.replicas` 2.
+    pub nodes: i32,
+    /// Apache Kafka version. Default: `$ONCEFLOW_KAFKA_VERSION`, else [`KAFKA_VERSION`].
+    pub version: String,
+    /// Try [`FALLBACK_KAFKA_VERSION`] when `version` cannot be fetched. Default true (false
+    /// when `version` was given explicitly through [`KafkaOptions::version`]).
+    pub allow_fallback: bool,
+    /// JVM maximum heap per node. Default `512m`.
+    pub heap: String,
+    /// How long each node may take to accept clients. Default 90 s (a cold JVM on a loaded
+    /// 2-core machine).
+    pub start_timeout: Duration,
+    /// Extra `server.properties` lines, written after (and so overriding) the testkit's own.
+    /// Default none.
+    pub broker_properties: Vec<(String, String)>,
+    /// Honour `KAFKA_BOOTSTRAP_SERVERS`. Default true; a multi-node cluster sets it false,
+    /// because its tests kill nodes, which an external cluster does not let us do.
+    pub use_external: bool,
+}
+
+impl Default for KafkaOptions {
+    fn default() -> Self {
+        let version = std::env::var(VERSION_ENV)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| KAFKA_VERSION.to_owned());
+        Self {
+            nodes: 1,
+            version,
+            allow_fallback: true,
+            heap: "512m".to_owned(),
+            start_timeout: Duration::from_secs(90),
+            broker_properties: Vec::new(),
+            use_external: true,
+        }
+    }
+}
+
+impl KafkaOptions {
+    /// A single node (the default).
+    #[must_use]
+    pub fn single() -> Self {
+        Self::default()
+    }
+
+    /// `nodes` nodes, always embedded (see [`KafkaOptions::use_external`]).
+    #[must_use]
+    pub fn cluster(nodes: i32) -> Self {
+        Self {
+            nodes,
+            use_external: false,
+            ..Self::default()
+        }
+    }
+
+    /// Runs exactly this Apache Kafka version, with no fallback.
+    #[must_use]
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self.allow_fallback = false;
+        self
+    }
+
+    /// Adds a `server.properties` line.
+    #[must_use]
+    pub fn broker_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.broker_properties.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the per-node start timeout.
+    #[must_use]
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// Sets the JVM heap per node, e.g. `"1g"`.
+    #[must_use]
+    pub fn heap(mut self, heap: impl Into<String>) -> Self {
+        self.heap = heap.into();
+        self
+    }
+
+    fn fallback_versions(&self) -> Vec<&str> {
+        if self.allow_fallback && self.version != FALLBACK_KAFKA_VERSION {
+            vec![FALLBACK_KAFKA_VERSION]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Backend {
+    // Arc: restarts wait on a blocking thread, which needs an owned handle.
+    Embedded(Arc<embedded::EmbeddedCluster>),
+    External,
+    #[cfg(feature = "testcontainers")]
+    Docker(
+        #[expect(dead_code, reason = "held for its Drop, which removes the container")]
+        docker::DockerKafka,
+    ),
+}
+
+/// A running Kafka cluster for tests: embedded, external or Docker. Dropping it stops what it
+/// started.
+#[derive(Debug)]
+pub struct Kafka {
+    bootstrap: String,
+    backend: Backend,
+}
+
+impl Kafka {
+    /// A single-node broker of its own (or the external cluster, if `KAFKA_BOOTSTRAP_SERVERS`
+    /// is set).
+    pub async fn start() -> Result<Self> {
+        Self::start_with(KafkaOptions::default()).await
+    }
+
+    /// A broker or cluster as `options` say. The blocking parts (Maven, JVM start-up) run on a
+    /// blocking thread, not on the async executor.
+    pub async fn start_with(options: KafkaOptions) -> Result<Self> {
+        tokio::task::spawn_blocking(move || Self::start_blocking(&options))
+            .await
+            .map_err(|e| TestkitError::Unsupported(format!("the start-up task failed: {e}")))?
+    }
+
+    /// [`Kafka::start_with`] for code that is not async. Blocks for the whole start-up.
+    pub fn start_blocking(options: &KafkaOptions) -> Result<Self> {
+        if options.use_external
+            && let Some(bootstrap) = external_bootstrap()
+        {
+            tracing::info!(%bootstrap, "using the external Kafka cluster from {BOOTSTRAP_SERVERS_ENV}");
+            return Ok(Self {
+                bootstrap,
+                backend: Backend::External,
+            });
+        }
+        let cluster = embedded::EmbeddedCluster::start(options)?;
+        Ok(Self {
+            bootstrap: cluster.bootstrap_servers(),
+            backend: Backend::Embedded(Arc::new(cluster)),
+        })
+    }
+
+    /// One single-node broker shared by every caller in this process, started on first use.
+    ///
+    /// Tests that use unique topic and group names can share it and save a JVM start each.
+    /// It is never dropped; the kernel kills it when the process exits. If it failed to start,
+    /// every caller gets that error.
+    pub async fn shared() -> Result<&'static Self> {
+        static SHARED: OnceLock<std::result::Result<Kafka, String>> = OnceLock::new();
+        let shared = tokio::task::spawn_blocking(|| {
+            SHARED.get_or_init(|| {
+                Self::start_blocking(&KafkaOptions::default()).map_err(|e| e.to_string())
+            })
+        })
+        .await
+        .map_err(|e| TestkitError::Unsupported(format!("the start-up task failed: {e}")))?;
+        shared
+            .as_ref()
+            .map_err(|e| TestkitError::SharedStartFailed(e.clone()))
+    }
+
+    /// A single broker in Docker (image `apache/kafka`, tag [`KAFKA_VERSION`]). Needs a
+    /// running Docker engine.
+    #[cfg(feature = "testcontainers")]
+    pub async fn docker() -> Result<Self> {
+        let kafka = docker::DockerKafka::start(KAFKA_VERSION).await?;
+        Ok(Self {
+            bootstrap: kafka.bootstrap_servers().to_owned(),
+            backend: Backend::Docker(kafka),
+        })
+    }
+
+    /// The `bootstrap.servers` value for clients.
+    #[must_use]
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// A client configuration with `bootstrap.servers` set.
+    #[must_use]
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.bootstrap);
+        config
+    }
+
+    /// True when this is a broker the testkit started (not external, not Docker).
+    #[must_use]
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.backend, Backend::Embedded(_))
+    }
+
+    /// A short description for logs, e.g. `embedded Apache Kafka 4.3.1, 1 node`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Embedded(c) => format!(
+                "embedded Apache Kafka {}, {} node(s), {} (dir {})",
+                c.version(),
+                c.node_ids().len(),
+                self.bootstrap,
+                c.dir().display()
+            ),
+            Backend::External => format!("external Kafka at {}", self.bootstrap),
+            #[cfg(feature = "testcontainers")]
+            Backend::Docker(_) => format!("Kafka in Docker at {}", self.bootstrap),
+        }
+    }
+
+    /// The Apache Kafka version of an embedded broker.
+    #[must_use]
+    pub fn version(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Embedded(c) => Some(c.version()),
+            _ => None,
+        }
+    }
+
+    fn embedded(&self, what: &str) -> Result<&Arc<embedded::EmbeddedCluster>> {
+        match &self.backend {
+            Backend::Embedded(c) => Ok(c),
+            _ => Err(TestkitError::Unsupported(format!(
+                "{what} needs an embedded cluster; this is {}",
+                self.describe()
+            ))),
+        }
+    }
+
+    /// The node ids of an embedded cluster (1..=n).
+    pub fn node_ids(&self) -> Result<Vec<i32>> {
+        Ok(self.embedded("listing nodes")?.node_ids())
+    }
+
+    /// The `server.log` of an embedded node.
+    pub fn log_path(&self, node: i32) -> Result<std::path::PathBuf> {
+        self.embedded("a broker log")?.log_path(node)
+    }
+
+    /// Hard-kills one node with SIGKILL: no controlled shutdown, like a power cut.
+    pub fn kill_node(&self, node: i32) -> Result<()> {
+        self.embedded("killing a node")?.kill_node(node)
+    }
+
+    /// Restarts a killed node with its old ports and data and waits until it accepts clients.
+    pub async fn restart_node(&self, node: i32) -> Result<()> {
+        let cluster = Arc::clone(self.embedded("restarting a node")?);
+        tokio::task::spawn_blocking(move || cluster.restart_node(node))
+            .await
+            .map_err(|e| TestkitError::Unsupported(format!("the restart task failed: {e}")))?
+    }
+
+    /// Keeps the embedded cluster's directory (and logs) after drop, e.g. when a test found a
+    /// violation without panicking.
+    pub fn keep_logs(&self) {
+        if let Backend::Embedded(c) = &self.backend {
+            c.keep_logs();
+        }
+    }
+
+    /// Creates a topic and waits until every partition has a leader.
+    ///
+    /// An existing topic with that name is an error: tests should use fresh names.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+    ) -> Result<()> {
+        self.create_topic_with(name, partitions, replication_factor, &[])
+            .await
+    }
+
+    /// [`Kafka::create_topic`] with topic configs, e.g. `("min.insync.replicas", "2")`.
+    pub async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: i32,
+        replication_factor: i32,
+        configs: &[(&str, &str)],
+    ) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config()
+                .create()
+                .map_err(|source| TestkitError::Admin {
+                    context: "creating an admin client".into(),
+                    source,
+                })?;
+        let mut topic = NewTopic::new(
+            name,
+            partitions,
+            TopicReplication::Fixed(replication_factor),
+        );
+        for (k, v) in configs {
+            topic = topic.set(k, v);
+        }
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin
+            .create_topics([&topic], &options)
+            .await
+            .map_err(|source| TestkitError::Admin {
+                context: format!("creating topic {name}"),
+                source,
+            })?;
+        for result in results {
+            if let Err((topic, code)) = result {
+                return Err(TestkitError::Admin {
+                    context: format!("creating topic {topic}"),
+                    source: rdkafka::error::KafkaError::AdminOp(code),
+                });
+            }
+        }
+        let bootstrap = self.bootstrap.clone();
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || wait_for_leaders(&bootstrap, &name, partitions))
+            .await
+            .map_err(|e| TestkitError::Unsupported(format!("the metadata task failed: {e}")))?
+    }
+}
+
+fn external_bootstrap() -> Option<String> {
+    std::env::var(BOOTSTRAP_SERVERS_ENV)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Polls metadata (a blocking librdkafka call, so this runs on a blocking thread) until every
+/// partition of `topic` has a leader: `CreateTopics` returns when the controller has the topic,
+/// which can be before brokers serve it.
+fn wait_for_leaders(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(|source| TestkitError::Admin {
+            context: "creating a metadata client".into(),
+            source,
+        })?;
+    let started = Instant::now();
+    let limit = Duration::from_secs(30);
+    while started.elapsed() < limit {
+        if let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))
+            && let Some(t) = md.topics().iter().find(|t| t.name() == topic)
+            && t.error().is_none()
+            && t.partitions().len() == usize::try_from(partitions).unwrap_or(0)
+            && t.partitions()
+                .iter()
+                .all(|p| p.leader() >= 0 && p.error().is_none())
+        {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(TestkitError::TopicNotReady {
+        topic: topic.to_owned(),
+        partitions,
+        waited: started.elapsed(),
+    })
+}
+
+/// True when `code` means the topic already exists.
+#[must_use]
+pub fn is_topic_exists(error: &TestkitError) -> bool {
+    matches!(
+        error,
+        TestkitError::Admin {
+            source: rdkafka::error::KafkaError::AdminOp(RDKafkaErrorCode::TopicAlreadyExists),
+            ..
+        }
+    )
+}
