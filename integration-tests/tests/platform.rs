@@ -176,9 +176,9 @@ async fn offsets_sent_in_a_transaction_become_the_groups_committed_offsets() {
     let committed = blocking(move || {
         producer.init_transactions(TXN_TIMEOUT).expect("init");
         producer.begin_transaction().expect("begin");
-        let mut next = std::collections::BTreeMap::new();
+        let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
         let deadline = std::time::Instant::now() + READ_TIMEOUT;
-        while next.values().map(|n: &i64| *n).sum::<i64>() < 20 {
+        while next.values().sum::<i64>() < 20 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "consumed {next:?} of 20"

@@ -82,9 +82,13 @@ impl EmbeddedCluster {
                 options.nodes
             )));
         }
-        let java = java_program();
+        let java = options.java.clone();
         check_java(&java)?;
-        let jars = jars::ensure(&options.version, &options.fallback_versions())?;
+        let jars = jars::ensure(
+            &options.cache_dir,
+            &options.version,
+            &options.fallback_versions(),
+        )?;
         remove_stale_dirs();
 
         let root = tempfile::Builder::new()
@@ -247,6 +251,10 @@ impl EmbeddedCluster {
         Ok(())
     }
 
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "start-up runs on a blocking thread (Kafka::start_with uses spawn_blocking)"
+    )]
     fn wait_ready(&self, node: &Node) -> Result<()> {
         let started = Instant::now();
         let addr = node.client_addr();
@@ -447,7 +455,7 @@ log4j.logger.kafka.request.logger=WARN
 log4j.logger.org.apache.kafka.common.config.AbstractConfig=WARN
 ";
 
-fn java_program() -> PathBuf {
+pub(crate) fn java_program() -> PathBuf {
     match std::env::var_os("JAVA_HOME").filter(|h| !h.is_empty()) {
         Some(home) => PathBuf::from(home).join("bin").join("java"),
         None => PathBuf::from("java"),
@@ -623,7 +631,7 @@ mod tests {
     #[test]
     fn free_ports_are_distinct() {
         let ports = free_ports(6).unwrap();
-        let mut sorted = ports.clone();
+        let mut sorted = ports;
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), 6);

@@ -65,11 +65,10 @@ pub fn cache_dir() -> PathBuf {
 
 /// Returns the cached jars of `version`, fetching them first if needed; falls back to each of
 /// `fallbacks` in turn when Maven cannot resolve a version.
-pub(crate) fn ensure(version: &str, fallbacks: &[&str]) -> Result<BrokerJars> {
-    let root = cache_dir();
+pub(crate) fn ensure(root: &Path, version: &str, fallbacks: &[&str]) -> Result<BrokerJars> {
     let mut failures = Vec::new();
     for candidate in std::iter::once(version).chain(fallbacks.iter().copied()) {
-        match ensure_version(&root, candidate) {
+        match ensure_version(root, candidate) {
             Ok(jars) => {
                 if candidate != version {
                     tracing::warn!(
@@ -97,7 +96,7 @@ pub(crate) fn ensure(version: &str, fallbacks: &[&str]) -> Result<BrokerJars> {
     Err(TestkitError::MavenFailed {
         version: version.to_owned(),
         tried,
-        cache: root,
+        cache: root.to_path_buf(),
         output_tail,
     })
 }

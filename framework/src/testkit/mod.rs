@@ -84,6 +84,10 @@ pub struct KafkaOptions {
     /// Extra `server.properties` lines, written after (and so overriding) the testkit's own.
     /// Default none.
     pub broker_properties: Vec<(String, String)>,
+    /// The `java` program. Default `$JAVA_HOME/bin/java`, else `java` on `PATH`.
+    pub java: std::path::PathBuf,
+    /// Where broker jars are cached. Default [`cache_dir`]`()`.
+    pub cache_dir: std::path::PathBuf,
     /// Honour `KAFKA_BOOTSTRAP_SERVERS`. Default true; a multi-node cluster sets it false,
     /// because its tests kill nodes, which an external cluster does not let us do.
     pub use_external: bool,
@@ -102,6 +106,8 @@ impl Default for KafkaOptions {
             heap: "512m".to_owned(),
             start_timeout: Duration::from_secs(90),
             broker_properties: Vec::new(),
+            java: embedded::java_program(),
+            cache_dir: cache_dir(),
             use_external: true,
         }
     }
@@ -146,6 +152,20 @@ impl KafkaOptions {
         self
     }
 
+    /// Uses this `java` program.
+    #[must_use]
+    pub fn java(mut self, java: impl Into<std::path::PathBuf>) -> Self {
+        self.java = java.into();
+        self
+    }
+
+    /// Caches broker jars in `dir`.
+    #[must_use]
+    pub fn cache_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.cache_dir = dir.into();
+        self
+    }
+
     /// Sets the JVM heap per node, e.g. `"1g"`.
     #[must_use]
     pub fn heap(mut self, heap: impl Into<String>) -> Self {
@@ -170,7 +190,7 @@ enum Backend {
     #[cfg(feature = "testcontainers")]
     Docker(
         #[expect(dead_code, reason = "held for its Drop, which removes the container")]
-        docker::DockerKafka,
+        Box<docker::DockerKafka>,
     ),
 }
 
@@ -241,7 +261,7 @@ impl Kafka {
         let kafka = docker::DockerKafka::start(KAFKA_VERSION).await?;
         Ok(Self {
             bootstrap: kafka.bootstrap_servers().to_owned(),
-            backend: Backend::Docker(kafka),
+            backend: Backend::Docker(Box::new(kafka)),
         })
     }
 
@@ -393,15 +413,20 @@ impl Kafka {
 }
 
 fn external_bootstrap() -> Option<String> {
-    std::env::var(BOOTSTRAP_SERVERS_ENV)
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
+    non_empty(std::env::var(BOOTSTRAP_SERVERS_ENV).ok())
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
 }
 
 /// Polls metadata (a blocking librdkafka call, so this runs on a blocking thread) until every
 /// partition of `topic` has a leader: `CreateTopics` returns when the controller has the topic,
 /// which can be before brokers serve it.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "runs on a blocking thread (spawn_blocking in create_topic_with)"
+)]
 fn wait_for_leaders(bootstrap: &str, topic: &str, partitions: i32) -> Result<()> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -442,4 +467,31 @@ pub fn is_topic_exists(error: &TestkitError) -> bool {
             ..
         }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blank_bootstrap_env_means_embedded() {
+        assert_eq!(non_empty(None), None);
+        assert_eq!(non_empty(Some("  ".into())), None);
+        assert_eq!(
+            non_empty(Some(" 10.0.0.1:9092 ".into())),
+            Some("10.0.0.1:9092".into())
+        );
+    }
+
+    #[test]
+    fn options_document_their_defaults() {
+        let o = KafkaOptions::single();
+        assert_eq!(o.nodes, 1);
+        assert!(o.use_external);
+        assert_eq!(o.fallback_versions(), vec![FALLBACK_KAFKA_VERSION]);
+        let c = KafkaOptions::cluster(3).version("3.9.1");
+        assert_eq!(c.nodes, 3);
+        assert!(!c.use_external);
+        assert!(c.fallback_versions().is_empty());
+    }
 }

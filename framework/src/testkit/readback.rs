@@ -88,7 +88,9 @@ struct ReadbackContext;
 
 impl ClientContext for ReadbackContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(error, KafkaError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
+        if !eof {
             tracing::error!(%error, reason, "read-back consumer error");
         }
     }
