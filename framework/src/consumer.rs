@@ -1,0 +1,75 @@
+//! The consumer side: a `read_committed` group consumer that never commits by itself.
+//!
+//! Offsets are committed only through the producer's transaction (see
+//! [`crate::producer`]), so this consumer has auto commit and the offset store turned off; it
+//! reads with `isolation.level=read_committed`, so records of aborted or still-open upstream
+//! transactions are never processed. Rebalance handling is in [`crate::rebalance`].
+
+use rdkafka::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+
+use crate::config::{PipelineConfig, StartFrom};
+use crate::error::Error;
+
+/// Creates the pipeline's consumer (not yet subscribed).
+pub(crate) fn create<Ctx: ConsumerContext>(
+    config: &PipelineConfig,
+    context: Ctx,
+) -> Result<BaseConsumer<Ctx>, Error> {
+    let mut cc = ClientConfig::new();
+    for (k, v) in config
+        .kafka_properties
+        .iter()
+        .chain(config.consumer_properties.iter())
+    {
+        cc.set(k, v);
+    }
+    cc.set("bootstrap.servers", &config.bootstrap_servers)
+        .set("group.id", &config.application_id)
+        .set(
+            "client.id",
+            format!("{}-{}", config.application_id, config.instance_id),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false")
+        .set(
+            "partition.assignment.strategy",
+            config.assignment_strategy.as_config(),
+        )
+        .set(
+            "auto.offset.reset",
+            match config.start_from {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            },
+        );
+    // librdkafka queues each partition's fetched records in one run; with the default 1 MiB per
+    // partition a single partition can fill many batches while the others wait. Smaller runs
+    // interleave partitions, which the transaction loop needs to process them in parallel.
+    let tuned = |k: &str| {
+        config.consumer_properties.contains_key(k) || config.kafka_properties.contains_key(k)
+    };
+    if !tuned("max.partition.fetch.bytes") && !tuned("fetch.message.max.bytes") {
+        cc.set("max.partition.fetch.bytes", "262144");
+    }
+    cc.create_with_context(context)
+        .map_err(|e| Error::kafka("creating the consumer", e))
+}
+
+/// Routes librdkafka's log lines into `tracing` (target `librdkafka`).
+pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", fac, "{message}");
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+    }
+}

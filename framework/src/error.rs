@@ -1,0 +1,231 @@
+//! One error type for the runtime, and the three-way class every error has.
+//!
+//! Kafka's transactional API fails in three ways, and doing the wrong thing with any of them
+//! loses or duplicates data:
+//!
+//! | class | meaning | what onceflow does |
+//! | --- | --- | --- |
+//! | [`ErrorClass::Retriable`] | the call may succeed if made again; the transaction is intact | calls the same operation again (a commit that timed out is retried, **never** aborted: its outcome is unknown, and aborting after an indefinite commit is how Jepsen found lost writes, KAFKA-17754) |
+//! | [`ErrorClass::Abortable`] | this transaction cannot commit, the producer can go on | aborts, rewinds every touched partition to its last committed offset, runs the processor's abort hook, continues |
+//! | [`ErrorClass::Fatal`] | the producer can never commit again (fenced by a newer instance, misconfigured, ...) | stops this instance with the error |
+//!
+//! An error librdkafka flags as none of the three is treated as fatal: when in doubt, stopping
+//! is safe (the next instance resolves the transaction), guessing is not.
+
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// A boxed error from user code.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What the runtime does about an error. See the [module docs](self).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// Make the same call again.
+    Retriable,
+    /// Abort the transaction, rewind, go on.
+    Abortable,
+    /// Stop this instance.
+    Fatal,
+}
+
+/// Everything that can stop a pipeline or fail one of its operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration was refused before anything connected.
+    #[error("invalid onceflow configuration: {field}: {problem}")]
+    Config {
+        /// The setting at fault.
+        field: String,
+        /// What is wrong and how to fix it.
+        problem: String,
+    },
+
+    /// A Kafka operation failed.
+    #[error("{operation} failed: {source}")]
+    Kafka {
+        /// What was being done, e.g. "commit_transaction".
+        operation: &'static str,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+
+    /// This instance's producer was fenced: it must never commit again.
+    #[error(
+        "this instance (transactional.id {transactional_id}) was fenced and has stopped: another \
+         producer with the same transactional.id started (a restart or a duplicate deployment of \
+         this instance) and took over, so this one's open transaction was aborted by the broker. \
+         Nothing it processed since its last commit is visible to read_committed readers; the \
+         newer instance reprocesses it. If no other instance was started, check that instance ids \
+         are unique per running process. Cause: {source}"
+    )]
+    Fenced {
+        /// The fenced transactional id.
+        transactional_id: String,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+
+    /// The processor said a record's failure is fatal.
+    #[error("the processor failed fatally on {topic}/{partition}@{offset}: {source}")]
+    Processor {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Input offset.
+        offset: i64,
+        /// The processor's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A record had to be dead-lettered but the pipeline has no dead-letter topic. Stopping is
+    /// the only alternative to silently dropping it.
+    #[error(
+        "record {topic}/{partition}@{offset} must be dead-lettered ({reason}), but no dead-letter \
+         topic is configured; set PipelineConfigBuilder::dead_letter_topic"
+    )]
+    NoDeadLetterTopic {
+        /// Input topic.
+        topic: String,
+        /// Input partition.
+        partition: i32,
+        /// Input offset.
+        offset: i64,
+        /// Why it was to be dead-lettered.
+        reason: String,
+    },
+
+    /// A commit whose outcome is unknown kept failing as retriable. The instance stops without
+    /// aborting; the next instance with this transactional id resolves the transaction.
+    #[error(
+        "{operation} did not complete within {waited:?} (last error: {source}); stopping without \
+         aborting, because the outcome is unknown: the next start of this instance resolves it"
+    )]
+    Unresolved {
+        /// The operation.
+        operation: &'static str,
+        /// How long it was retried.
+        waited: Duration,
+        /// The last error.
+        #[source]
+        source: KafkaError,
+    },
+
+    /// A second shutdown signal: the open transaction was aborted and the pipeline stopped
+    /// without waiting.
+    #[error("shutdown was forced (second signal): the open transaction was aborted")]
+    Interrupted,
+
+    /// The pipeline's worker thread could not be started or panicked.
+    #[error("the pipeline's worker thread failed: {0}")]
+    Worker(String),
+}
+
+impl Error {
+    /// The error's class: what the runtime does (or did) about it.
+    #[must_use]
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Kafka { source, .. } => classify(source),
+            Self::Config { .. }
+            | Self::Fenced { .. }
+            | Self::Processor { .. }
+            | Self::NoDeadLetterTopic { .. }
+            | Self::Unresolved { .. }
+            | Self::Interrupted
+            | Self::Worker(_) => ErrorClass::Fatal,
+        }
+    }
+
+    /// True when this instance was fenced by a newer one.
+    #[must_use]
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, Self::Fenced { .. })
+    }
+
+    pub(crate) fn config(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Config {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn kafka(operation: &'static str, source: KafkaError) -> Self {
+        Self::Kafka { operation, source }
+    }
+}
+
+/// The class of a librdkafka error, by its transactional flags.
+#[must_use]
+pub fn classify(error: &KafkaError) -> ErrorClass {
+    match error {
+        KafkaError::Transaction(e) => {
+            if e.is_fatal() {
+                ErrorClass::Fatal
+            } else if e.txn_requires_abort() {
+                ErrorClass::Abortable
+            } else if e.is_retriable() {
+                ErrorClass::Retriable
+            } else {
+                ErrorClass::Fatal
+            }
+        }
+        // rdkafka's commit_transaction flushes first; a flush that timed out carries no
+        // transactional flags, but the transaction is intact and the commit may be made again.
+        KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut) => ErrorClass::Retriable,
+        _ => ErrorClass::Fatal,
+    }
+}
+
+/// True when librdkafka reports that this producer was fenced (or its epoch is stale).
+pub(crate) fn is_fenced_error(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flush_timeout_inside_commit_is_retriable() {
+        assert_eq!(
+            classify(&KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)),
+            ErrorClass::Retriable
+        );
+    }
+
+    #[test]
+    fn unknown_errors_are_fatal() {
+        assert_eq!(
+            classify(&KafkaError::Subscription("x".into())),
+            ErrorClass::Fatal
+        );
+        assert_eq!(Error::Interrupted.class(), ErrorClass::Fatal);
+        assert_eq!(Error::config("a", "b").class(), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn fenced_error_explains_itself() {
+        let e = Error::Fenced {
+            transactional_id: "app-0".into(),
+            source: KafkaError::Flush(RDKafkaErrorCode::Fenced),
+        };
+        let text = e.to_string();
+        assert!(text.contains("app-0") && text.contains("same transactional.id"));
+        assert!(e.is_fenced());
+    }
+}

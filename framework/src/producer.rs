@@ -1,0 +1,247 @@
+//! The producer side: one transactional producer per instance, and the retry policy for each
+//! transactional call.
+//!
+//! Every call here blocks (librdkafka's transactional API is synchronous, even on
+//! `FutureProducer`), so this module is only used from the pipeline's worker thread, never from
+//! an async task. It is the one place that calls the transactional API: the workspace's clippy
+//! configuration disallows those methods everywhere else.
+//!
+//! `ThreadedProducer` is used rather than `BaseProducer` because its background thread serves
+//! delivery reports: `BaseProducer::abort_transaction` waits for outstanding reports that nobody
+//! polls and times out.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::TopicPartitionList;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header as RdHeader, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::PipelineConfig;
+use crate::error::{Error, ErrorClass, classify};
+use crate::processor::OutputRecord;
+
+/// How long a retriable transactional call is retried before the instance gives up. A commit
+/// is never aborted after a retriable failure; it is retried until it resolves or this passes,
+/// and then the instance stops without aborting.
+const RETRY_WINDOW_FACTOR: u32 = 3;
+
+/// Logs delivery failures. Inside a transaction any one of them makes the commit fail as
+/// abortable, so the transaction loop learns of them there; this is for the log.
+#[derive(Debug, Default)]
+pub(crate) struct DeliveryContext;
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::consumer::log_librdkafka(level, fac, log_message);
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
+        if let Err((error, message)) = result {
+            // One line per record would flood the log when a whole transaction fails; the
+            // abort that follows is logged once, with the cause.
+            tracing::debug!(
+                %error,
+                topic = rdkafka::message::Message::topic(message),
+                "output record delivery failed; the transaction will be aborted"
+            );
+        }
+    }
+}
+
+/// A send the producer refused for this record (too large, unknown topic, ...).
+#[derive(Debug)]
+pub(crate) struct SendRejected(pub(crate) KafkaError);
+
+/// The instance's transactional producer.
+pub(crate) struct TxProducer {
+    inner: ThreadedProducer<DeliveryContext>,
+    transactional_id: String,
+    call_timeout: Duration,
+}
+
+impl std::fmt::Debug for TxProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxProducer")
+            .field("transactional_id", &self.transactional_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TxProducer {
+    /// Creates the producer and registers its transactional id with the coordinator, which
+    /// fences any older producer with the same id and aborts its open transaction.
+    pub(crate) fn create_and_init(config: &PipelineConfig) -> Result<Self, Error> {
+        let mut cc = ClientConfig::new();
+        for (k, v) in config
+            .kafka_properties
+            .iter()
+            .chain(config.producer_properties.iter())
+        {
+            cc.set(k, v);
+        }
+        let transactional_id = config.transactional_id();
+        cc.set("bootstrap.servers", &config.bootstrap_servers)
+            .set("transactional.id", &transactional_id)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set(
+                "transaction.timeout.ms",
+                config.transaction_timeout.as_millis().to_string(),
+            )
+            // Java-compatible key routing (murmur2), so one key's outputs stay in order on the
+            // partition every other Kafka client would also pick.
+            .set("partitioner", "murmur2_random");
+        if !config.producer_properties.contains_key("linger.ms")
+            && !config.kafka_properties.contains_key("linger.ms")
+        {
+            cc.set("linger.ms", "5");
+        }
+        let inner: ThreadedProducer<DeliveryContext> = cc
+            .create_with_context(DeliveryContext)
+            .map_err(|e| Error::kafka("creating the transactional producer", e))?;
+        let producer = Self {
+            inner,
+            transactional_id,
+            call_timeout: config.transaction_timeout,
+        };
+        producer.retrying("init_transactions", |p| {
+            p.inner.init_transactions(p.call_timeout)
+        })?;
+        tracing::info!(transactional_id = %producer.transactional_id, "transactional producer ready");
+        Ok(producer)
+    }
+
+    pub(crate) fn begin(&self) -> Result<(), Error> {
+        self.inner
+            .begin_transaction()
+            .map_err(|e| self.error("begin_transaction", e))
+    }
+
+    /// Enqueues one record. Waits (on this blocking thread) while librdkafka's queue is full.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "runs on the pipeline's worker thread, never on the async executor"
+    )]
+    pub(crate) fn send(&self, record: &OutputRecord) -> Result<(), SendRejected> {
+        let headers = record
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new(), |h, header| {
+                h.insert(RdHeader {
+                    key: &header.key,
+                    value: header.value.as_deref(),
+                })
+            });
+        let mut base: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&record.topic).headers(headers);
+        if let Some(k) = &record.key {
+            base = base.key(k.as_slice());
+        }
+        if let Some(v) = &record.value {
+            base = base.payload(v.as_slice());
+        }
+        if let Some(p) = record.partition {
+            base = base.partition(p);
+        }
+        loop {
+            match self.inner.send(base) {
+                Ok(()) => return Ok(()),
+                Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    // The background thread drains the queue as the broker acknowledges.
+                    std::thread::sleep(Duration::from_millis(1));
+                    base = back;
+                }
+                Err((e, _)) => return Err(SendRejected(e)),
+            }
+        }
+    }
+
+    /// Adds the consumed offsets to the transaction. `group` must be the consumer's
+    /// **current** group metadata (KIP-447): a stale generation fails as abortable, which is
+    /// how an instance that lost its partitions is kept from committing for them.
+    pub(crate) fn send_offsets(
+        &self,
+        offsets: &BTreeMap<(String, i32), i64>,
+        group: &ConsumerGroupMetadata,
+    ) -> Result<(), Error> {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in offsets {
+            tpl.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*next))
+                .map_err(|e| Error::kafka("building the offsets to commit", e))?;
+        }
+        self.retrying("send_offsets_to_transaction", |p| {
+            p.inner
+                .send_offsets_to_transaction(&tpl, group, p.call_timeout)
+        })
+    }
+
+    /// Commits. A retriable failure (including a timeout, whose outcome is unknown) is retried,
+    /// never turned into an abort.
+    pub(crate) fn commit(&self) -> Result<(), Error> {
+        self.retrying("commit_transaction", |p| {
+            p.inner.commit_transaction(p.call_timeout)
+        })
+    }
+
+    pub(crate) fn abort(&self) -> Result<(), Error> {
+        self.retrying("abort_transaction", |p| {
+            p.inner.abort_transaction(p.call_timeout)
+        })
+    }
+
+    /// Calls `op` until it succeeds or fails with a non-retriable error, or the retry window
+    /// passes.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "runs on the pipeline's worker thread, never on the async executor"
+    )]
+    fn retrying(
+        &self,
+        operation: &'static str,
+        op: impl Fn(&Self) -> Result<(), KafkaError>,
+    ) -> Result<(), Error> {
+        let started = Instant::now();
+        let window = self.call_timeout * RETRY_WINDOW_FACTOR;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match op(self) {
+                Ok(()) => return Ok(()),
+                Err(e) if classify(&e) == ErrorClass::Retriable => {
+                    if started.elapsed() >= window {
+                        return Err(Error::Unresolved {
+                            operation,
+                            waited: started.elapsed(),
+                            source: e,
+                        });
+                    }
+                    tracing::warn!(operation, error = %e, "retriable transaction error; calling again");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(self.error(operation, e)),
+            }
+        }
+    }
+
+    fn error(&self, operation: &'static str, e: KafkaError) -> Error {
+        if crate::error::is_fenced_error(&e) {
+            Error::Fenced {
+                transactional_id: self.transactional_id.clone(),
+                source: e,
+            }
+        } else {
+            Error::kafka(operation, e)
+        }
+    }
+}

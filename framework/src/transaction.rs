@@ -1,0 +1,1081 @@
+//! The transaction loop: poll → process → produce → send offsets → commit, on one worker thread.
+//!
+//! # Why one thread
+//!
+//! Every transactional call blocks, and librdkafka runs rebalance callbacks on the thread that
+//! polls the consumer. Putting the consumer, the producer and the commit on one dedicated
+//! thread means the rebalance callback can commit the open transaction synchronously before
+//! partitions are let go, with no cross-thread hand-off that could deadlock or race. Processing
+//! itself runs on the async runtime (one task per partition, so partitions proceed in parallel
+//! while each partition stays in order); the worker waits for it between polls.
+//!
+//! # The state, and who touches it
+//!
+//! [`LoopState`] sits behind a mutex shared by the loop and the rebalance callback. They run on
+//! the same thread, and the loop never holds the lock across a `poll` (the only place a
+//! callback can run), so the lock is never contended; it exists to make the sharing sound.
+//!
+//! # One transaction
+//!
+//! 1. Records are polled into `buffer`. A transaction begins when records are taken for
+//!    processing; the first offset taken per partition is its **rewind point**.
+//! 2. Each record is decoded and processed; outputs (and dead letters) are produced into the
+//!    transaction in offset order per partition, and the partition's next offset is recorded.
+//! 3. When the commit interval has passed, or `max_records_per_transaction` were taken, the
+//!    next offsets of every partition touched are sent with the consumer's *current* group
+//!    metadata, and the transaction commits.
+//! 4. On an abortable failure the transaction is aborted, every touched (or buffered)
+//!    partition is rewound to its rewind point — its last committed offset — and the records are
+//!    processed again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerGroupMetadata};
+use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+use tokio::runtime::Handle;
+
+use crate::codec::Codec;
+use crate::config::{DecodeFailure, PipelineConfig};
+use crate::dead_letter::{self, DeadLetterKind};
+use crate::error::{Error, ErrorClass};
+use crate::processor::{
+    Disposition, Header, Headers, Output, OutputRecord, Processor, Record, TopicPartition,
+};
+use crate::producer::TxProducer;
+use crate::rebalance::RebalanceContext;
+use crate::shutdown::ShutdownHandle;
+
+/// The longest the loop blocks in one poll, so shutdown requests are seen promptly.
+const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
+/// At most this many records are polled in one round, and taken for processing at once.
+const MAX_BATCH: usize = 2_000;
+/// At most this many records of one partition are taken for processing at once; a partition
+/// with this many buffered is paused until it drains to half (flow control, as Kafka Streams'
+/// `buffered.records.per.partition`), so every partition's records reach the buffer.
+const MAX_PER_PARTITION: usize = 500;
+/// How many times in a row the producer may be re-created after the broker timed out a
+/// transaction before the instance gives up.
+const MAX_TIMEOUT_RECOVERIES: u32 = 3;
+
+type Key = (String, i32);
+
+/// Polled, not yet processed records, per partition in offset order.
+///
+/// Batches are taken round-robin over partitions, a bounded number from each, so one
+/// partition's large fetch cannot starve the others or serialise the processing that could run
+/// in parallel across partitions.
+#[derive(Default)]
+pub(crate) struct Buffer {
+    partitions: BTreeMap<Key, VecDeque<OwnedMessage>>,
+    len: usize,
+}
+
+impl Buffer {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn partition_len(&self, key: &Key) -> usize {
+        self.partitions.get(key).map_or(0, VecDeque::len)
+    }
+
+    /// Adds a record; returns how many its partition now has buffered.
+    fn push(&mut self, m: OwnedMessage) -> (Key, usize) {
+        let key = (m.topic().to_owned(), m.partition());
+        let q = self.partitions.entry(key.clone()).or_default();
+        q.push_back(m);
+        self.len += 1;
+        let n = q.len();
+        (key, n)
+    }
+
+    /// Drops the records of the partitions `drop` says yes to.
+    pub(crate) fn drop_partitions(&mut self, mut drop: impl FnMut(&Key) -> bool) {
+        self.partitions.retain(|k, q| {
+            let remove = drop(k);
+            if remove {
+                self.len -= q.len();
+            }
+            !remove
+        });
+    }
+
+    /// The first buffered offset of every partition, emptying the buffer.
+    fn drain_first_offsets(&mut self) -> BTreeMap<Key, i64> {
+        self.len = 0;
+        std::mem::take(&mut self.partitions)
+            .into_iter()
+            .filter_map(|(k, q)| q.front().map(|m| (k, m.offset())))
+            .collect()
+    }
+
+    /// Up to `max` records, at most `per_partition` from each partition, in order per partition.
+    fn take(&mut self, max: usize, per_partition: usize) -> BTreeMap<Key, Vec<OwnedMessage>> {
+        let mut taken = BTreeMap::new();
+        let mut left = max;
+        let share = per_partition
+            .min(max.div_ceil(self.partitions.len().max(1)))
+            .max(1);
+        for (k, q) in &mut self.partitions {
+            if left == 0 {
+                break;
+            }
+            let n = q.len().min(share).min(left);
+            if n > 0 {
+                let records: Vec<OwnedMessage> = q.drain(..n).collect();
+                left -= n;
+                self.len -= n;
+                taken.insert(k.clone(), records);
+            }
+        }
+        self.partitions.retain(|_, q| !q.is_empty());
+        taken
+    }
+}
+
+/// Figures of one run of a pipeline, as counted by the worker. (Tests check exactly-once by
+/// reading the output back, not by trusting these.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunSummary {
+    /// Transactions committed.
+    pub transactions_committed: u64,
+    /// Transactions aborted (by onceflow, or by the broker after a timeout).
+    pub transactions_aborted: u64,
+    /// Input records whose processing was committed.
+    pub records_committed: u64,
+    /// Output records committed.
+    pub outputs_committed: u64,
+    /// Input records committed as dead letters.
+    pub dead_letters_committed: u64,
+    /// Rebalances (revocations) this instance went through.
+    pub rebalances: u64,
+    /// Times the producer was re-created after the broker aborted a timed-out transaction.
+    pub producer_recoveries: u64,
+}
+
+/// What the loop must do after a failed step.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Abort the open transaction, rewind, optionally back off, go on.
+    Abort {
+        reason: String,
+        backoff: Option<Duration>,
+    },
+    /// Stop the instance (after a best-effort abort), unless it is a recoverable timeout.
+    Stop(Error),
+}
+
+impl From<Error> for Step {
+    fn from(e: Error) -> Self {
+        match e.class() {
+            ErrorClass::Abortable => Step::Abort {
+                reason: e.to_string(),
+                backoff: None,
+            },
+            // Retriable errors were already retried by the producer; what is left is final.
+            ErrorClass::Retriable | ErrorClass::Fatal => Step::Stop(e),
+        }
+    }
+}
+
+pub(crate) struct OpenTxn {
+    seq: u64,
+    started: Instant,
+    span: tracing::Span,
+    /// Next offset to commit, per partition touched.
+    next: BTreeMap<Key, i64>,
+    /// First offset taken for processing, per partition: where to rewind on abort.
+    rewind: BTreeMap<Key, i64>,
+    records: usize,
+    outputs: usize,
+    dead_letters: usize,
+}
+
+struct Attempts {
+    count: u32,
+    last_error: String,
+}
+
+pub(crate) struct LoopState {
+    pub(crate) producer: TxProducer,
+    pub(crate) txn: Option<OpenTxn>,
+    pub(crate) buffer: Buffer,
+    attempts: HashMap<(String, i32, i64), Attempts>,
+    pub(crate) pending_seeks: BTreeMap<Key, i64>,
+    /// Partitions paused because their buffer is full.
+    pub(crate) paused: BTreeSet<Key>,
+    /// A failure the rebalance callback could not handle itself (it must not stop the
+    /// instance from inside librdkafka); the loop handles it after the poll returns.
+    pub(crate) deferred: Option<Step>,
+    pub(crate) summary: RunSummary,
+    next_seq: u64,
+    timeout_recoveries: u32,
+    /// When the most recent transaction began (kept after it ends, for telling a broker-side
+    /// timeout from fencing).
+    txn_started: Option<Instant>,
+}
+
+impl LoopState {
+    fn last_txn_started(&self) -> Option<Instant> {
+        self.txn_started
+    }
+}
+
+/// Everything the worker and the rebalance callback share.
+pub(crate) struct Shared<P: Processor, C> {
+    pub(crate) processor: Arc<P>,
+    pub(crate) codec: Arc<C>,
+    pub(crate) config: PipelineConfig,
+    pub(crate) runtime: Handle,
+    pub(crate) shutdown: ShutdownHandle,
+    state: Mutex<LoopState>,
+}
+
+impl<P: Processor, C> Shared<P, C> {
+    pub(crate) fn state(&self) -> MutexGuard<'_, LoopState> {
+        // A panic while holding the lock would already have ended the worker thread; the
+        // state is only read afterwards to report figures.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+pub(crate) type PipelineConsumer<P, C> = BaseConsumer<RebalanceContext<P, C>>;
+
+/// Runs the pipeline on the current (dedicated, blocking) thread until shutdown or a fatal
+/// error.
+pub(crate) fn run_worker<P, C>(
+    processor: Arc<P>,
+    codec: Arc<C>,
+    config: PipelineConfig,
+    runtime: Handle,
+    shutdown: ShutdownHandle,
+) -> Result<RunSummary, Error>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    // The producer first: init_transactions fences any older producer with our
+    // transactional id (a zombie of this instance) before we read a single record.
+    let producer = TxProducer::create_and_init(&config)?;
+    let shared = Arc::new(Shared {
+        processor,
+        codec,
+        config,
+        runtime,
+        shutdown,
+        state: Mutex::new(LoopState {
+            producer,
+            txn: None,
+            buffer: Buffer::default(),
+            attempts: HashMap::new(),
+            pending_seeks: BTreeMap::new(),
+            paused: BTreeSet::new(),
+            deferred: None,
+            summary: RunSummary::default(),
+            next_seq: 0,
+            timeout_recoveries: 0,
+            txn_started: None,
+        }),
+    });
+    let consumer: PipelineConsumer<P, C> =
+        crate::consumer::create(&shared.config, RebalanceContext::new(Arc::clone(&shared)))?;
+    let topics: Vec<&str> = shared
+        .config
+        .input_topics
+        .iter()
+        .map(String::as_str)
+        .collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|e| Error::kafka("subscribing to the input topics", e))?;
+    tracing::info!(
+        application_id = %shared.config.application_id,
+        transactional_id = %shared.config.transactional_id(),
+        topics = ?shared.config.input_topics,
+        "pipeline started"
+    );
+
+    let result = main_loop(&shared, &consumer);
+
+    if result.is_err() {
+        // Best effort: an abort that fails leaves the transaction to the broker's timeout, or
+        // to the next instance's init_transactions. Either way it never commits.
+        let mut st = shared.state();
+        if st.txn.is_some()
+            && let Err(e) = abort_open(&mut st, "the pipeline is stopping on an error")
+        {
+            tracing::debug!(error = %e, "abort while stopping failed");
+        }
+    }
+    // Leaving the group runs the revoke callback (nothing is open any more) and hands the
+    // partitions to the other instances at once.
+    drop(consumer);
+    shared.runtime.block_on(shared.processor.on_close());
+    let summary = shared.state().summary.clone();
+    match &result {
+        Ok(()) => tracing::info!(?summary, "pipeline stopped"),
+        Err(e) if e.is_fenced() => tracing::error!(error = %e, "pipeline fenced"),
+        Err(e) => tracing::error!(error = %e, "pipeline stopped on an error"),
+    }
+    result.map(|()| summary)
+}
+
+fn main_loop<P, C>(
+    shared: &Arc<Shared<P, C>>,
+    consumer: &PipelineConsumer<P, C>,
+) -> Result<(), Error>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    loop {
+        if shared.shutdown.is_forced() {
+            let mut st = shared.state();
+            if st.txn.is_some() {
+                let _ = abort_open(&mut st, "forced shutdown");
+            }
+            return Err(Error::Interrupted);
+        }
+        if shared.shutdown.is_shutdown_requested() {
+            let step = {
+                let mut st = shared.state();
+                commit_open(&mut st, consumer)
+            };
+            match step {
+                Ok(()) => return Ok(()),
+                Err(step) => {
+                    // The last transaction could not commit; abort it so the next owner
+                    // starts from the last committed offsets, then stop.
+                    recover(shared, consumer, step)?;
+                    return Ok(());
+                }
+            }
+        }
+
+        poll_into_buffer(shared, consumer);
+
+        let deferred = shared.state().deferred.take();
+        if let Some(step) = deferred {
+            recover(shared, consumer, step)?;
+        }
+        apply_pending_seeks(shared, consumer)?;
+
+        if let Err(step) = process_buffered(shared) {
+            recover(shared, consumer, step)?;
+            continue;
+        }
+        {
+            let mut st = shared.state();
+            if !st.paused.is_empty() {
+                resume_drained(&mut st, consumer, |_| false);
+            }
+        }
+
+        let due = {
+            let st = shared.state();
+            st.txn.as_ref().is_some_and(|t| {
+                t.started.elapsed() >= shared.config.commit_interval
+                    || t.records >= shared.config.max_records_per_transaction
+            })
+        };
+        if due {
+            let step = {
+                let mut st = shared.state();
+                commit_open(&mut st, consumer)
+            };
+            if let Err(step) = step {
+                recover(shared, consumer, step)?;
+            }
+        }
+    }
+}
+
+/// Polls once (waiting at most until the open transaction is due), then drains what the
+/// consumer already fetched. Every record goes straight into the shared buffer, so a
+/// revocation during a later poll can drop the revoked partitions' records.
+fn poll_into_buffer<P, C>(shared: &Arc<Shared<P, C>>, consumer: &PipelineConsumer<P, C>)
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let (wait, room) = {
+        let st = shared.state();
+        let room = MAX_BATCH.saturating_sub(st.buffer.len() / 4);
+        let wait = match &st.txn {
+            Some(t) => shared
+                .config
+                .commit_interval
+                .saturating_sub(t.started.elapsed())
+                .min(MAX_POLL_WAIT),
+            None => MAX_POLL_WAIT,
+        };
+        (wait, room)
+    };
+    if room == 0 {
+        return;
+    }
+    let mut wait = wait;
+    for _ in 0..room {
+        match consumer.poll(wait) {
+            Some(Ok(message)) => {
+                let owned = message.detach();
+                let mut st = shared.state();
+                let (key, buffered) = st.buffer.push(owned);
+                if buffered >= MAX_PER_PARTITION && st.paused.insert(key.clone()) {
+                    set_paused(consumer, &key, true);
+                }
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+            None => break,
+        }
+        wait = Duration::ZERO;
+    }
+}
+
+/// Pauses or resumes one partition. A failure only costs fairness, never correctness: a
+/// paused partition's queued records are discarded by librdkafka and fetched again from the
+/// position after the last record handed to us.
+fn set_paused<Ctx: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<Ctx>,
+    key: &Key,
+    pause: bool,
+) {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(&key.0, key.1);
+    let result = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(e) = result {
+        tracing::warn!(topic = key.0, partition = key.1, pause, error = %e, "pause/resume failed");
+    }
+}
+
+/// Resumes paused partitions whose buffer has drained to half (all of them with `all`).
+pub(crate) fn resume_drained<Ctx: rdkafka::consumer::ConsumerContext>(
+    st: &mut LoopState,
+    consumer: &BaseConsumer<Ctx>,
+    mut also: impl FnMut(&Key) -> bool,
+) {
+    let ready: Vec<Key> = st
+        .paused
+        .iter()
+        .filter(|k| also(k) || st.buffer.partition_len(k) < MAX_PER_PARTITION / 2)
+        .cloned()
+        .collect();
+    for k in ready {
+        set_paused(consumer, &k, false);
+        st.paused.remove(&k);
+    }
+}
+
+/// Seeks partitions whose records must be processed again (after an abort), dropping their
+/// buffered records first: those came from before the rewind.
+fn apply_pending_seeks<P, C>(
+    shared: &Arc<Shared<P, C>>,
+    consumer: &PipelineConsumer<P, C>,
+) -> Result<(), Error>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let seeks = {
+        let mut st = shared.state();
+        if st.pending_seeks.is_empty() {
+            return Ok(());
+        }
+        let seeks = std::mem::take(&mut st.pending_seeks);
+        st.buffer.drop_partitions(|k| seeks.contains_key(k));
+        // Resume before seeking, so the seek sets where fetching restarts.
+        resume_drained(&mut st, consumer, |k| seeks.contains_key(k));
+        seeks
+    };
+    let assigned = assigned_set(consumer);
+    for ((topic, partition), offset) in seeks {
+        if !assigned.contains(&(topic.clone(), partition)) {
+            // Revoked meanwhile: its next owner starts from the committed offset anyway.
+            continue;
+        }
+        consumer
+            .seek(
+                &topic,
+                partition,
+                rdkafka::Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| Error::kafka("seeking back to the last committed offset", e))?;
+        tracing::debug!(
+            topic,
+            partition,
+            offset,
+            "rewound to the last committed offset"
+        );
+    }
+    Ok(())
+}
+
+fn assigned_set<Ctx: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<Ctx>,
+) -> BTreeSet<Key> {
+    consumer
+        .assignment()
+        .map(|tpl| {
+            tpl.elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One partition's records and, in the same order, what processing decided for each (shorter
+/// than the records when processing stopped at a retry or a fatal error).
+type Processed = (Vec<OwnedMessage>, Vec<Outcome>);
+
+/// What processing decided for one record.
+enum Outcome {
+    Emit(Vec<OutputRecord>),
+    DeadLetter {
+        kind: DeadLetterKind,
+        reason: String,
+        attempts: u32,
+    },
+    Retry(String),
+    Fatal(crate::error::BoxError),
+}
+
+/// Takes buffered records, processes them (partitions in parallel, each in order), and
+/// produces their results into the open transaction.
+fn process_buffered<P, C>(shared: &Arc<Shared<P, C>>) -> Result<(), Step>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let config = &shared.config;
+    // Take a batch and open the transaction.
+    let (groups, prior) = {
+        let mut st = shared.state();
+        if st.buffer.is_empty() {
+            return Ok(());
+        }
+        let taken = st.txn.as_ref().map_or(0, |t| t.records);
+        let n = config
+            .max_records_per_transaction
+            .saturating_sub(taken)
+            .min(MAX_BATCH)
+            .min(st.buffer.len());
+        if n == 0 {
+            return Ok(());
+        }
+        if st.txn.is_none() {
+            st.producer.begin().map_err(Step::from)?;
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            st.txn_started = Some(Instant::now());
+            st.txn = Some(OpenTxn {
+                seq,
+                started: Instant::now(),
+                span: tracing::info_span!(
+                    "transaction",
+                    seq,
+                    records = tracing::field::Empty,
+                    partitions = tracing::field::Empty,
+                    outcome = tracing::field::Empty,
+                    duration_ms = tracing::field::Empty,
+                ),
+                next: BTreeMap::new(),
+                rewind: BTreeMap::new(),
+                records: 0,
+                outputs: 0,
+                dead_letters: 0,
+            });
+        }
+        let groups = st.buffer.take(n, MAX_PER_PARTITION);
+        let mut prior: HashMap<(String, i32, i64), (u32, String)> = HashMap::new();
+        let LoopState { txn, attempts, .. } = &mut *st;
+        for (key, records) in &groups {
+            if let (Some(txn), Some(first)) = (txn.as_mut(), records.first()) {
+                txn.rewind.entry(key.clone()).or_insert(first.offset());
+            }
+            if !attempts.is_empty() {
+                for m in records {
+                    let id = (key.0.clone(), key.1, m.offset());
+                    if let Some(a) = attempts.get(&id) {
+                        prior.insert(id, (a.count, a.last_error.clone()));
+                    }
+                }
+            }
+        }
+        (groups, prior)
+    };
+
+    // Process: one task per partition, records of a partition strictly in order.
+    let prior = Arc::new(prior);
+    let decode_failure = config.decode_failure;
+    let max_attempts = config.max_attempts;
+    let results: Result<Vec<Processed>, tokio::task::JoinError> =
+        shared.runtime.block_on(async {
+            let handles: Vec<_> = groups
+                .into_values()
+                .map(|records| {
+                    let processor = Arc::clone(&shared.processor);
+                    let codec = Arc::clone(&shared.codec);
+                    let prior = Arc::clone(&prior);
+                    tokio::spawn(async move {
+                        let outcomes = process_partition(
+                            &*processor,
+                            &*codec,
+                            &records,
+                            &prior,
+                            max_attempts,
+                            decode_failure,
+                        )
+                        .await;
+                        (records, outcomes)
+                    })
+                })
+                .collect();
+            let mut results = Vec::with_capacity(handles.len());
+            for h in handles {
+                match h.await {
+                    Ok(r) => results.push(r),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(results)
+        });
+    // A panicking processor is a bug in it; stopping (after an abort) is the only safe answer.
+    let results =
+        results.map_err(|e| Step::Stop(Error::Worker(format!("the processor panicked: {e}"))))?;
+
+    // Produce the results into the transaction, in offset order per partition.
+    let mut guard = shared.state();
+    let LoopState {
+        producer,
+        txn,
+        attempts,
+        ..
+    } = &mut *guard;
+    let Some(txn) = txn.as_mut() else {
+        return Err(Step::Stop(Error::Worker(
+            "the transaction disappeared while its records were processed".into(),
+        )));
+    };
+    for (records, outcomes) in results {
+        for (message, outcome) in records.iter().zip(outcomes) {
+            let key = (message.topic().to_owned(), message.partition());
+            match outcome {
+                Outcome::Emit(outputs) => {
+                    for output in &outputs {
+                        if let Err(rejected) = producer.send(output) {
+                            // Some of this record's outputs may already be in the transaction;
+                            // only an abort takes them out again.
+                            let reason = format!("an output record was rejected: {}", rejected.0);
+                            let count = note_attempt(attempts, message, &reason);
+                            return Err(Step::Abort {
+                                reason: format!("{}: {reason}", position(message)),
+                                backoff: Some(backoff_for(config, count)),
+                            });
+                        }
+                    }
+                    txn.next.insert(key, message.offset() + 1);
+                    txn.records += 1;
+                    txn.outputs += outputs.len();
+                }
+                Outcome::DeadLetter {
+                    kind,
+                    reason,
+                    attempts: tried,
+                } => {
+                    let Some(dlq) = &config.dead_letter_topic else {
+                        return Err(Step::Stop(Error::NoDeadLetterTopic {
+                            topic: message.topic().to_owned(),
+                            partition: message.partition(),
+                            offset: message.offset(),
+                            reason,
+                        }));
+                    };
+                    let letter = dead_letter::record(
+                        dlq,
+                        message,
+                        kind,
+                        &reason,
+                        tried,
+                        &config.instance_id,
+                    );
+                    if let Err(rejected) = producer.send(&letter) {
+                        return Err(Step::Stop(Error::kafka(
+                            "dead-lettering a record",
+                            rejected.0,
+                        )));
+                    }
+                    tracing::warn!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        kind = kind.as_str(),
+                        reason,
+                        dead_letter_topic = dlq,
+                        "record dead-lettered"
+                    );
+                    txn.next.insert(key, message.offset() + 1);
+                    txn.records += 1;
+                    txn.dead_letters += 1;
+                }
+                Outcome::Retry(reason) => {
+                    let count = note_attempt(attempts, message, &reason);
+                    return Err(Step::Abort {
+                        reason: format!(
+                            "processing {} failed (attempt {count} of {}): {reason}",
+                            position(message),
+                            config.max_attempts
+                        ),
+                        backoff: Some(backoff_for(config, count)),
+                    });
+                }
+                Outcome::Fatal(source) => {
+                    return Err(Step::Stop(Error::Processor {
+                        topic: message.topic().to_owned(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        source,
+                    }));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn position(m: &OwnedMessage) -> String {
+    format!("{}/{}@{}", m.topic(), m.partition(), m.offset())
+}
+
+/// Counts a failed attempt of `m`; returns the attempts so far.
+fn note_attempt(
+    attempts: &mut HashMap<(String, i32, i64), Attempts>,
+    m: &OwnedMessage,
+    reason: &str,
+) -> u32 {
+    let a = attempts
+        .entry((m.topic().to_owned(), m.partition(), m.offset()))
+        .or_insert(Attempts {
+            count: 0,
+            last_error: String::new(),
+        });
+    a.count += 1;
+    reason.clone_into(&mut a.last_error);
+    a.count
+}
+
+/// Exponential back-off: `retry_backoff * 2^(attempt-1)`, at most `max_retry_backoff`.
+fn backoff_for(config: &PipelineConfig, attempt: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
+    config
+        .retry_backoff
+        .saturating_mul(factor)
+        .min(config.max_retry_backoff)
+}
+
+/// Decodes and processes one partition's records in order. Stops at the first record that
+/// must be retried or is fatal: the transaction will be aborted, and later records of the
+/// partition must not be processed before it.
+async fn process_partition<P, C>(
+    processor: &P,
+    codec: &C,
+    records: &[OwnedMessage],
+    prior: &HashMap<(String, i32, i64), (u32, String)>,
+    max_attempts: u32,
+    decode_failure: DecodeFailure,
+) -> Vec<Outcome>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let mut outcomes = Vec::with_capacity(records.len());
+    let Some(first) = records.first() else {
+        return outcomes;
+    };
+    let topic: Arc<str> = Arc::from(first.topic());
+    for m in records {
+        let tried = prior
+            .get(&(m.topic().to_owned(), m.partition(), m.offset()))
+            .map_or(0, |(count, _)| *count);
+        if tried >= max_attempts {
+            let last = prior
+                .get(&(m.topic().to_owned(), m.partition(), m.offset()))
+                .map(|(_, e)| e.clone())
+                .unwrap_or_default();
+            outcomes.push(Outcome::DeadLetter {
+                kind: DeadLetterKind::RetriesExhausted,
+                reason: format!("gave up after {tried} attempts; last error: {last}"),
+                attempts: tried,
+            });
+            continue;
+        }
+        let value = match codec.decode(m.payload()) {
+            Ok(v) => v,
+            Err(e) => match decode_failure {
+                DecodeFailure::DeadLetter => {
+                    outcomes.push(Outcome::DeadLetter {
+                        kind: DeadLetterKind::Decode,
+                        reason: e.to_string(),
+                        attempts: tried + 1,
+                    });
+                    continue;
+                }
+                DecodeFailure::Fatal => {
+                    outcomes.push(Outcome::Fatal(Box::new(e)));
+                    break;
+                }
+            },
+        };
+        let headers: Headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| Header {
+                        key: h.key.to_owned(),
+                        value: h.value.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let record = Record {
+            value,
+            key: m.key().map(<[u8]>::to_vec),
+            headers,
+            topic: Arc::clone(&topic),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp: m.timestamp().to_millis(),
+        };
+        let mut out = Output::default();
+        match processor.process(&record, &mut out).await {
+            Ok(()) => outcomes.push(Outcome::Emit(out.records)),
+            Err(e) => match e.disposition() {
+                Disposition::DeadLetter => outcomes.push(Outcome::DeadLetter {
+                    kind: DeadLetterKind::Processor,
+                    reason: e.into_source().to_string(),
+                    attempts: tried + 1,
+                }),
+                Disposition::Retry => {
+                    outcomes.push(Outcome::Retry(e.into_source().to_string()));
+                    break;
+                }
+                Disposition::Fatal => {
+                    outcomes.push(Outcome::Fatal(e.into_source()));
+                    break;
+                }
+            },
+        }
+    }
+    outcomes
+}
+
+/// Sends the open transaction's offsets (for partitions this instance still owns, with the
+/// consumer's current group metadata) and commits.
+pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
+    st: &mut LoopState,
+    consumer: &BaseConsumer<Ctx>,
+) -> Result<(), Step> {
+    let Some(txn) = st.txn.as_ref() else {
+        return Ok(());
+    };
+    let owned = assigned_set(consumer);
+    if let Some((topic, partition)) = txn.next.keys().find(|k| !owned.contains(*k)) {
+        return Err(Step::Abort {
+            reason: format!(
+                "{topic}/{partition} is no longer assigned to this instance, so its offsets \
+                 must not be committed"
+            ),
+            backoff: None,
+        });
+    }
+    if !txn.next.is_empty() {
+        let group: ConsumerGroupMetadata = consumer.group_metadata().ok_or_else(|| {
+            Step::Stop(Error::Worker("the consumer has no group metadata".into()))
+        })?;
+        st.producer.send_offsets(&txn.next, &group)?;
+    }
+    st.producer.commit()?;
+
+    let Some(txn) = st.txn.take() else {
+        return Ok(());
+    };
+    let elapsed = txn.started.elapsed();
+    txn.span.record("records", txn.records);
+    txn.span.record("partitions", txn.next.len());
+    txn.span.record("outcome", "committed");
+    txn.span.record("duration_ms", elapsed.as_millis() as u64);
+    tracing::debug!(
+        parent: &txn.span,
+        seq = txn.seq,
+        records = txn.records,
+        outputs = txn.outputs,
+        dead_letters = txn.dead_letters,
+        partitions = txn.next.len(),
+        ?elapsed,
+        "transaction committed"
+    );
+    let s = &mut st.summary;
+    s.transactions_committed += 1;
+    s.records_committed += txn.records as u64;
+    s.outputs_committed += txn.outputs as u64;
+    s.dead_letters_committed += txn.dead_letters as u64;
+    st.timeout_recoveries = 0;
+    if !st.attempts.is_empty() {
+        st.attempts.retain(|(t, p, o), _| {
+            txn.next
+                .get(&(t.clone(), *p))
+                .is_none_or(|next| *o >= *next)
+        });
+    }
+    Ok(())
+}
+
+/// Aborts the open transaction and schedules the rewind of every partition it touched (and of
+/// every buffered record). Returns the partitions whose records will be processed again.
+pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPartition>, Error> {
+    let Some(txn) = st.txn.take() else {
+        return Ok(Vec::new());
+    };
+    let result = st.producer.abort();
+    let partitions = rewind(st, Some(&txn));
+    st.summary.transactions_aborted += 1;
+    txn.span.record("records", txn.records);
+    txn.span.record("partitions", txn.rewind.len());
+    txn.span.record("outcome", "aborted");
+    txn.span
+        .record("duration_ms", txn.started.elapsed().as_millis() as u64);
+    tracing::warn!(
+        parent: &txn.span,
+        seq = txn.seq,
+        records = txn.records,
+        reason,
+        "transaction aborted; its partitions are rewound to their last committed offsets"
+    );
+    result.map(|()| partitions)
+}
+
+/// Schedules seeks back to each partition's rewind point and empties the buffer.
+fn rewind(st: &mut LoopState, txn: Option<&OpenTxn>) -> Vec<TopicPartition> {
+    let mut points: BTreeMap<Key, i64> = txn.map(|t| t.rewind.clone()).unwrap_or_default();
+    for (k, first) in st.buffer.drain_first_offsets() {
+        points.entry(k).or_insert(first);
+    }
+    for (k, o) in &points {
+        let e = st.pending_seeks.entry(k.clone()).or_insert(*o);
+        *e = (*e).min(*o);
+    }
+    points
+        .into_keys()
+        .map(|(t, p)| TopicPartition::new(t, p))
+        .collect()
+}
+
+/// Acts on a failed step: abort and go on, re-create a producer whose transaction the broker
+/// timed out, or stop.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the retry back-off sleeps the worker thread, never an async executor thread"
+)]
+fn recover<P, C>(
+    shared: &Arc<Shared<P, C>>,
+    consumer: &PipelineConsumer<P, C>,
+    step: Step,
+) -> Result<(), Error>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    match step {
+        Step::Abort { reason, backoff } => {
+            let aborted = {
+                let mut st = shared.state();
+                abort_open(&mut st, &reason)
+            };
+            match aborted {
+                Ok(partitions) => {
+                    if !partitions.is_empty() {
+                        shared
+                            .runtime
+                            .block_on(shared.processor.on_transaction_aborted(&partitions));
+                    }
+                    apply_pending_seeks(shared, consumer)?;
+                    if let Some(b) = backoff {
+                        std::thread::sleep(b);
+                    }
+                    Ok(())
+                }
+                Err(e) => recover(shared, consumer, Step::Stop(e)),
+            }
+        }
+        Step::Stop(e) => {
+            let timed_out = {
+                let st = shared.state();
+                e.is_fenced()
+                    && st.timeout_recoveries < MAX_TIMEOUT_RECOVERIES
+                    && st
+                        .txn
+                        .as_ref()
+                        .map(|t| t.started)
+                        .or(st.last_txn_started())
+                        .is_some_and(|t| t.elapsed() >= shared.config.transaction_timeout)
+            };
+            if !timed_out {
+                let mut st = shared.state();
+                if st.txn.is_some() && !e.is_fenced() {
+                    let _ = abort_open(&mut st, "the pipeline is stopping");
+                }
+                return Err(e);
+            }
+            // The broker aborted our transaction because it outlived transaction.timeout.ms,
+            // and bumped the producer epoch; librdkafka reports that exactly like fencing by a
+            // newer instance. This instance still owns its partitions (the consumer group says
+            // so), so it takes a new producer epoch and processes the aborted records again.
+            let cause = match &e {
+                Error::Fenced { source, .. } => source.to_string(),
+                other => other.to_string(),
+            };
+            tracing::warn!(
+                %cause,
+                timeout = ?shared.config.transaction_timeout,
+                "the broker aborted a transaction that outlived transaction.timeout.ms; \
+                 re-initialising the producer and processing its records again"
+            );
+            let fresh = TxProducer::create_and_init(&shared.config)?;
+            let (old, partitions) = {
+                let mut st = shared.state();
+                let old = std::mem::replace(&mut st.producer, fresh);
+                let txn = st.txn.take();
+                let partitions = rewind(&mut st, txn.as_ref());
+                st.summary.transactions_aborted += u64::from(txn.is_some());
+                st.summary.producer_recoveries += 1;
+                st.timeout_recoveries += 1;
+                st.txn_started = None;
+                (old, partitions)
+            };
+            drop(old);
+            if !partitions.is_empty() {
+                shared
+                    .runtime
+                    .block_on(shared.processor.on_transaction_aborted(&partitions));
+            }
+            apply_pending_seeks(shared, consumer)
+        }
+    }
+}

@@ -1,0 +1,579 @@
+//! The exactly-once runtime against a real broker. Every claim is checked by reading the
+//! output back under read_committed (and read_uncommitted where aborts must show), never by
+//! trusting the pipeline's own counters.
+
+use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use onceflow::dead_letter;
+use onceflow::testkit::{Isolation, Kafka};
+use onceflow::{Output, OutputRecord, Pipeline, ProcessError, Processor, Record};
+use onceflow_integration_tests::{
+    Event, Running, aborted_copies, enrich, events, init_tracing, produce_events, produce_raw,
+    read, test_config, unique, verify, wait_caught_up, wait_count, wait_progress,
+};
+
+const CATCH_UP: Duration = Duration::from_secs(120);
+
+/// Emits `enrich(event)` keyed by user to `out`, stamped with who processed it and where the
+/// input was; optionally slow, so that streams last long enough for things to happen mid-way.
+struct Enrich {
+    out: String,
+    instance: String,
+    delay: Duration,
+    /// Records processed (including ones later aborted): for sequencing a test, not for
+    /// checking it.
+    processed: Arc<AtomicU64>,
+}
+
+impl Enrich {
+    fn new(out: &str, instance: &str) -> Self {
+        Self {
+            out: out.to_owned(),
+            instance: instance.to_owned(),
+            delay: Duration::ZERO,
+            processed: Arc::default(),
+        }
+    }
+
+    fn slow(out: &str, instance: &str, delay: Duration) -> Self {
+        Self {
+            delay,
+            ..Self::new(out, instance)
+        }
+    }
+}
+
+#[onceflow::async_trait]
+impl Processor for Enrich {
+    type Input = Event;
+
+    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.processed.fetch_add(1, Ordering::SeqCst);
+        out.send(
+            OutputRecord::to(&self.out)
+                .key(r.value.user.as_str())
+                .json(&enrich(&r.value))?
+                .headers_from(&r.headers)
+                .header("processed_by", self.instance.as_str())
+                .header("source_partition", r.partition.to_string())
+                .header("source_offset", r.offset.to_string()),
+        );
+        Ok(())
+    }
+}
+
+struct Topics {
+    input: String,
+    output: String,
+    app: String,
+}
+
+async fn setup(kafka: &Kafka, name: &str, input_partitions: i32, output_partitions: i32) -> Topics {
+    let t = Topics {
+        input: unique(&format!("{name}-in")),
+        output: unique(&format!("{name}-out")),
+        app: unique(&format!("{name}-app")),
+    };
+    kafka
+        .create_topic(&t.input, input_partitions, 1)
+        .await
+        .expect("input topic");
+    kafka
+        .create_topic(&t.output, output_partitions, 1)
+        .await
+        .expect("output topic");
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_keyed_records_come_out_exactly_once_in_order_on_java_partitions() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-basic", 3, 5).await;
+    let input = events(10_000, 97);
+    produce_events(kafka, &t.input, &input).await;
+
+    let config = test_config(kafka, &t.app, "0", &t.input)
+        .build()
+        .expect("config");
+    let running = Running::start(Pipeline::new(config, Enrich::new(&t.output, "0")));
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    let summary = running.stop().await;
+
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    let verdict = verify(&input, &committed, 5);
+    verdict.assert_exactly_once();
+    assert_eq!(committed.len(), 10_000);
+    println!(
+        "10,000 inputs over 3 partitions -> {} committed outputs over 5 partitions: 0 duplicates, \
+         0 losses, 0 order violations, 0 misrouted; {} transactions",
+        committed.len(),
+        summary.transactions_committed
+    );
+}
+
+/// Fails the first attempt of every 7th record with `retry`.
+struct FlakyEvery7th {
+    out: String,
+    failed_once: Mutex<HashSet<u64>>,
+}
+
+#[onceflow::async_trait]
+impl Processor for FlakyEvery7th {
+    type Input = Event;
+
+    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
+        if r.value.id.is_multiple_of(7) {
+            let first_attempt = self.failed_once.lock().expect("lock").insert(r.value.id);
+            if first_attempt {
+                return Err(ProcessError::retry(format!(
+                    "simulated transient failure of event {}",
+                    r.value.id
+                )));
+            }
+        }
+        out.send(
+            OutputRecord::to(&self.out)
+                .key(r.value.user.as_str())
+                .json(&enrich(&r.value))?,
+        );
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_records_appear_once_committed_while_aborted_copies_show_uncommitted() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-retry", 3, 3).await;
+    let input = events(2_100, 31);
+    produce_events(kafka, &t.input, &input).await;
+
+    let config = test_config(kafka, &t.app, "0", &t.input)
+        .retry_backoff(Duration::from_millis(5))
+        .build()
+        .expect("config");
+    let running = Running::start(Pipeline::new(
+        config,
+        FlakyEvery7th {
+            out: t.output.clone(),
+            failed_once: Mutex::default(),
+        },
+    ));
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    let summary = running.stop().await;
+
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &committed, 3).assert_exactly_once();
+    let uncommitted = read(kafka, &t.output, Isolation::ReadUncommitted).await;
+    let (c, u, doubled) = aborted_copies(&committed, &uncommitted);
+    assert!(
+        u > c && doubled > 0,
+        "aborts must leave aborted copies visible to read_uncommitted: committed {c}, \
+         uncommitted {u}, ids written more than once {doubled}"
+    );
+    // One abort consumes at most one first failure per input partition: >= 300 / 3 aborts.
+    assert!(summary.transactions_aborted >= 100, "{summary:?}");
+    println!(
+        "2,100 inputs, every 7th failing once: read_committed {c} (exactly once), \
+         read_uncommitted {u} ({doubled} ids also in aborted transactions); \
+         {} transactions aborted, {} committed",
+        summary.transactions_aborted, summary.transactions_committed
+    );
+}
+
+/// Dead-letters events with `id % 97 == 13`; always retries events with `id % 331 == 5`.
+struct Picky {
+    out: String,
+}
+
+#[onceflow::async_trait]
+impl Processor for Picky {
+    type Input = Event;
+
+    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
+        if r.value.id % 97 == 13 {
+            return Err(ProcessError::dead_letter(format!(
+                "event {} breaks a business rule",
+                r.value.id
+            )));
+        }
+        if r.value.id % 331 == 5 {
+            return Err(ProcessError::retry("a dependency that never recovers"));
+        }
+        out.send(
+            OutputRecord::to(&self.out)
+                .key(r.value.user.as_str())
+                .json(&enrich(&r.value))?,
+        );
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_go_to_the_dead_letter_topic_and_never_stall_the_partition() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-poison", 3, 3).await;
+    let dlq = unique("eos-poison-dlq");
+    kafka.create_topic(&dlq, 1, 1).await.expect("dlq topic");
+
+    // 3,000 records: every 100th is malformed JSON (1%); the rest are events.
+    let all = events(3_000, 53);
+    let mut raw = Vec::new();
+    let mut good = Vec::new();
+    let mut malformed = BTreeSet::new();
+    for e in &all {
+        if e.id % 100 == 42 {
+            malformed.insert(format!("{{\"id\": {}, \"user\": broken", e.id));
+            raw.push((
+                e.user.clone(),
+                format!("{{\"id\": {}, \"user\": broken", e.id).into_bytes(),
+            ));
+        } else {
+            raw.push((e.user.clone(), serde_json::to_vec(e).expect("json")));
+            good.push(e.clone());
+        }
+    }
+    produce_raw(kafka, &t.input, &raw).await;
+    let rule_breakers: BTreeSet<u64> = good
+        .iter()
+        .map(|e| e.id)
+        .filter(|id| id % 97 == 13)
+        .collect();
+    let never_recover: BTreeSet<u64> = good
+        .iter()
+        .map(|e| e.id)
+        .filter(|id| id % 331 == 5)
+        .collect();
+    let expected_out: Vec<Event> = good
+        .iter()
+        .filter(|e| !rule_breakers.contains(&e.id) && !never_recover.contains(&e.id))
+        .cloned()
+        .collect();
+
+    let config = test_config(kafka, &t.app, "0", &t.input)
+        .dead_letter_topic(&dlq)
+        .max_attempts(3)
+        .retry_backoff(Duration::from_millis(5))
+        .build()
+        .expect("config");
+    let running = Running::start(Pipeline::new(
+        config,
+        Picky {
+            out: t.output.clone(),
+        },
+    ));
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    let summary = running.stop().await;
+
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&expected_out, &committed, 3).assert_exactly_once();
+
+    let letters = read(kafka, &dlq, Isolation::ReadCommitted).await;
+    let mut decode = BTreeSet::new();
+    let mut rejected = BTreeSet::new();
+    let mut exhausted = BTreeSet::new();
+    for l in &letters {
+        let kind = l
+            .header_str(dead_letter::HEADER_ERROR_KIND)
+            .expect("kind header");
+        assert!(
+            l.header_str(dead_letter::HEADER_ERROR)
+                .is_some_and(|e| !e.is_empty())
+        );
+        assert_eq!(
+            l.header_str(dead_letter::HEADER_SOURCE_TOPIC).as_deref(),
+            Some(t.input.as_str())
+        );
+        assert!(l.header_str(dead_letter::HEADER_SOURCE_PARTITION).is_some());
+        assert!(l.header_str(dead_letter::HEADER_SOURCE_OFFSET).is_some());
+        assert!(l.header_str(dead_letter::HEADER_TIME).is_some());
+        match kind.as_str() {
+            "decode" => {
+                assert!(
+                    decode.insert(l.value_str()),
+                    "decode dead letter twice: {}",
+                    l.value_str()
+                );
+            }
+            "processor" => {
+                let e: Event =
+                    serde_json::from_slice(l.value.as_deref().unwrap()).expect("original");
+                assert!(rejected.insert(e.id), "dead letter twice: {}", e.id);
+            }
+            "retries_exhausted" => {
+                let e: Event =
+                    serde_json::from_slice(l.value.as_deref().unwrap()).expect("original");
+                assert_eq!(
+                    l.header_str(dead_letter::HEADER_ATTEMPTS).as_deref(),
+                    Some("3")
+                );
+                assert!(exhausted.insert(e.id), "dead letter twice: {}", e.id);
+            }
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+    assert_eq!(
+        decode, malformed,
+        "every malformed record, dead-lettered once, byte for byte"
+    );
+    assert_eq!(rejected, rule_breakers);
+    assert_eq!(exhausted, never_recover);
+    println!(
+        "3,000 inputs: {} good outputs exactly once; dead letters: {} undecodable, {} rejected, \
+         {} after 3 attempts; group offsets at the end of the input; {} aborted transactions",
+        committed.len(),
+        decode.len(),
+        rejected.len(),
+        exhausted.len(),
+        summary.transactions_aborted
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_with_the_same_transactional_id_is_fenced_and_never_commits_again() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-zombie", 3, 3).await;
+    let input = events(4_000, 61);
+    produce_events(kafka, &t.input, &input).await;
+
+    // Both instances claim instance id "0", so both use transactional id "<app>-0": the second
+    // to start fences the first, as a restarted instance fences its half-dead predecessor.
+    let old = Running::start(Pipeline::new(
+        test_config(kafka, &t.app, "0", &t.input)
+            .build()
+            .expect("config"),
+        Enrich::slow(&t.output, "old", Duration::from_millis(2)),
+    ));
+    wait_progress(kafka, &t.app, &t.input, 400, CATCH_UP).await;
+    let new = Running::start(Pipeline::new(
+        test_config(kafka, &t.app, "0", &t.input)
+            .build()
+            .expect("config"),
+        Enrich::new(&t.output, "new"),
+    ));
+
+    let old_result = tokio::time::timeout(Duration::from_secs(60), old.handle)
+        .await
+        .expect("the fenced instance stops by itself")
+        .expect("task");
+    let err = old_result.expect_err("the old instance must stop with an error");
+    assert!(err.is_fenced(), "expected fencing, got: {err}");
+    println!("old instance stopped: {err}");
+
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    let summary = new.stop().await;
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &committed, 3).assert_exactly_once();
+    let by_old = committed
+        .iter()
+        .filter(|r| r.header_str("processed_by").as_deref() == Some("old"))
+        .count();
+    println!(
+        "4,000 inputs: {} committed outputs exactly once ({by_old} committed by the old instance \
+         before it was fenced, the rest by the new one in {} transactions)",
+        committed.len(),
+        summary.transactions_committed
+    );
+}
+
+async fn instances_join_and_leave_mid_stream(strategy: onceflow::config::AssignmentStrategy) {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-rebalance", 6, 3).await;
+    let input = events(6_000, 83);
+    produce_events(kafka, &t.input, &input).await;
+    let config = |instance: &str| {
+        test_config(kafka, &t.app, instance, &t.input)
+            .assignment_strategy(strategy)
+            .build()
+            .expect("config")
+    };
+    let delay = Duration::from_millis(3);
+
+    let first = Running::start(Pipeline::new(
+        config("1"),
+        Enrich::slow(&t.output, "1", delay),
+    ));
+    wait_progress(kafka, &t.app, &t.input, 1_000, CATCH_UP).await;
+    let p2 = Enrich::slow(&t.output, "2", delay);
+    let p3 = Enrich::slow(&t.output, "3", delay);
+    let (c2, c3) = (Arc::clone(&p2.processed), Arc::clone(&p3.processed));
+    let second = Running::start(Pipeline::new(config("2"), p2));
+    let third = Running::start(Pipeline::new(config("3"), p3));
+    // Mid-stream for real: both newcomers own partitions and have done work before they leave.
+    wait_count(&c2, 200, "instance 2's processed records", CATCH_UP).await;
+    wait_count(&c3, 200, "instance 3's processed records", CATCH_UP).await;
+    let before_leaving = onceflow_integration_tests::offsets(kafka, &t.app, &t.input).await;
+    let s2 = second.stop().await;
+    let s3 = third.stop().await;
+    println!("committed offsets when instances 2 and 3 left: {before_leaving:?}");
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    let s1 = first.stop().await;
+
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &committed, 3).assert_exactly_once();
+
+    // Each input record's processing was committed by exactly one instance, and every
+    // instance took part.
+    let mut owners: BTreeMap<(i32, i64), String> = BTreeMap::new();
+    for r in &committed {
+        let p: i32 = r
+            .header_str("source_partition")
+            .expect("header")
+            .parse()
+            .expect("int");
+        let o: i64 = r
+            .header_str("source_offset")
+            .expect("header")
+            .parse()
+            .expect("int");
+        let by = r.header_str("processed_by").expect("header");
+        assert!(
+            owners.insert((p, o), by).is_none(),
+            "input {p}@{o} committed twice"
+        );
+    }
+    let mut runs = 0;
+    let mut last: Option<(i32, &String)> = None;
+    for ((p, _), by) in &owners {
+        if last != Some((*p, by)) {
+            runs += 1;
+        }
+        last = Some((*p, by));
+    }
+    let per_instance: BTreeMap<&String, usize> =
+        owners.values().fold(BTreeMap::new(), |mut m, by| {
+            *m.entry(by).or_default() += 1;
+            m
+        });
+    assert_eq!(
+        per_instance.len(),
+        3,
+        "all three instances committed work: {per_instance:?}"
+    );
+    println!(
+        "{strategy:?}: 6,000 inputs over 6 partitions, instances 2 and 3 joined and left: \
+         exactly once; committed per instance {per_instance:?}; {runs} ownership runs over 6 \
+         partitions; rebalances seen by instance 1: {}, by 2: {}, by 3: {}",
+        s1.rebalances, s2.rebalances, s3.rebalances
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_joining_and_leaving_mid_stream_keep_exactly_once_cooperative() {
+    instances_join_and_leave_mid_stream(onceflow::config::AssignmentStrategy::CooperativeSticky)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_joining_and_leaving_mid_stream_keep_exactly_once_eager() {
+    instances_join_and_leave_mid_stream(onceflow::config::AssignmentStrategy::Eager).await;
+}
+
+/// Stalls once, for longer than the transaction timeout, on the first record it sees at least
+/// `after` after its first record: with a commit interval longer than `after`, that record is
+/// processed inside the first transaction, after earlier outputs of that transaction reached
+/// the broker, so the broker has an open transaction to time out.
+struct StallsOnce {
+    out: String,
+    after: Duration,
+    stall: Duration,
+    first_seen: std::sync::OnceLock<std::time::Instant>,
+    stalled: AtomicBool,
+    assigned: Arc<AtomicBool>,
+}
+
+#[onceflow::async_trait]
+impl Processor for StallsOnce {
+    type Input = Event;
+
+    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
+        let first = *self.first_seen.get_or_init(std::time::Instant::now);
+        if first.elapsed() >= self.after && !self.stalled.swap(true, Ordering::SeqCst) {
+            tokio::time::sleep(self.stall).await;
+        }
+        out.send(
+            OutputRecord::to(&self.out)
+                .key(r.value.user.as_str())
+                .json(&enrich(&r.value))?,
+        );
+        Ok(())
+    }
+
+    async fn on_partitions_assigned(&self, _partitions: &[onceflow::TopicPartition]) {
+        self.assigned.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_the_broker_times_out_is_recovered_from_without_loss_or_duplicates() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-timeout", 3, 3).await;
+    let input = events(1_000, 41);
+
+    let timeout = Duration::from_secs(4);
+    let stall = timeout + Duration::from_secs(3);
+    let config = test_config(kafka, &t.app, "0", &t.input)
+        .commit_interval(Duration::from_secs(3))
+        .transaction_timeout(timeout)
+        .build()
+        .expect("config");
+    let assigned = Arc::new(AtomicBool::new(false));
+    let running = Running::start(Pipeline::new(
+        config,
+        StallsOnce {
+            out: t.output.clone(),
+            after: Duration::from_secs(1),
+            stall,
+            first_seen: std::sync::OnceLock::new(),
+            stalled: AtomicBool::new(false),
+            assigned: Arc::clone(&assigned),
+        },
+    ));
+    while !assigned.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A live stream: the input trickles in (over ~3 s) while the pipeline runs.
+    let producer = onceflow_integration_tests::input_producer(kafka);
+    for chunk in input.chunks(10) {
+        onceflow_integration_tests::produce_events_with(&producer, &t.input, chunk).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    let summary = running.stop().await;
+
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &committed, 3).assert_exactly_once();
+    let uncommitted = read(kafka, &t.output, Isolation::ReadUncommitted).await;
+    let (c, u, doubled) = aborted_copies(&committed, &uncommitted);
+    assert!(
+        doubled > 0,
+        "the broker-aborted transaction's outputs must be visible to read_uncommitted: \
+         committed {c}, uncommitted {u}"
+    );
+    assert!(summary.producer_recoveries >= 1, "{summary:?}");
+    println!(
+        "stall of {stall:?} inside a transaction with a {timeout:?} timeout: the broker aborted \
+         it, the pipeline re-initialised its producer {} time(s) and went on; read_committed {c} \
+         exactly once, read_uncommitted {u} ({doubled} ids also in the aborted transaction)",
+        summary.producer_recoveries
+    );
+}
