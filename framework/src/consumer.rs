@@ -55,6 +55,11 @@ pub(crate) fn create<Ctx: ConsumerContext>(
     if !tuned("max.partition.fetch.bytes") && !tuned("fetch.message.max.bytes") {
         cc.set("max.partition.fetch.bytes", "262144");
     }
+    // A fetch for partitions with no new data waits this long at the broker; a partition the
+    // loop resumes waits for that fetch to return before it is fetched again.
+    if !tuned("fetch.wait.max.ms") {
+        cc.set("fetch.wait.max.ms", "100");
+    }
     cc.create_with_context(context)
         .map_err(|e| Error::kafka("creating the consumer", e))
 }

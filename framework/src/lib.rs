@@ -61,14 +61,12 @@
 //! * [`dead_letter`]: the dead-letter record format and its headers.
 //! * [`shutdown`]: graceful and forced shutdown.
 //! * the consumer side, producer side, transaction loop and rebalance handling are internal
-//!   modules (`consumer`, `producer`, `transaction`, `rebalance`); [`docs/guide.md`] explains
+//!   modules (`consumer`, `producer`, `transaction`, `rebalance`); the [`guide`] explains
 //!   them.
 #![cfg_attr(
     feature = "testkit",
     doc = "* [`testkit`]: a real Apache Kafka (embedded, external or Docker) for tests and demos."
 )]
-//!
-//! [`docs/guide.md`]: https://example.invalid/onceflow/docs/guide.md
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 #![cfg_attr(
@@ -91,6 +89,12 @@ mod transaction;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
+
+/// The onceflow guide (`docs/guide.md`): offsets and commit modes, the transaction loop,
+/// fencing, rebalances, error classes, configuration, and a complete program (compiled here as
+/// a doc test).
+#[doc = include_str!("../../docs/guide.md")]
+pub mod guide {}
 
 pub use config::{PipelineConfig, PipelineConfigBuilder};
 pub use error::{Error, ErrorClass};

@@ -9,6 +9,10 @@
 //! `ThreadedProducer` is used rather than `BaseProducer` because its background thread serves
 //! delivery reports: `BaseProducer::abort_transaction` waits for outstanding reports that nobody
 //! polls and times out.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the producer side is the one module allowed to make librdkafka's transactional calls"
+)]
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -103,11 +107,13 @@ impl TxProducer {
             // Java-compatible key routing (murmur2), so one key's outputs stay in order on the
             // partition every other Kafka client would also pick.
             .set("partitioner", "murmur2_random");
-        if !config.producer_properties.contains_key("linger.ms")
-            && !config.kafka_properties.contains_key("linger.ms")
-        {
+        let tuned = |k: &str| {
+            config.producer_properties.contains_key(k) || config.kafka_properties.contains_key(k)
+        };
+        if !tuned("linger.ms") {
             cc.set("linger.ms", "5");
         }
+
         let inner: ThreadedProducer<DeliveryContext> = cc
             .create_with_context(DeliveryContext)
             .map_err(|e| Error::kafka("creating the transactional producer", e))?;

@@ -51,10 +51,16 @@ use crate::shutdown::ShutdownHandle;
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// At most this many records are polled in one round, and taken for processing at once.
 const MAX_BATCH: usize = 2_000;
-/// At most this many records of one partition are taken for processing at once; a partition
-/// with this many buffered is paused until it drains to half (flow control, as Kafka Streams'
-/// `buffered.records.per.partition`), so every partition's records reach the buffer.
+/// At most this many records of one partition are taken for processing at once.
 const MAX_PER_PARTITION: usize = 500;
+/// A partition with this many records buffered is paused (flow control, as Kafka Streams'
+/// `buffered.records.per.partition`), so the other partitions' records reach the buffer too.
+const PAUSE_AT: usize = 4_000;
+/// A paused partition is resumed when its buffer drains below this. The gap keeps resumes
+/// rare: each one costs a fetch round trip.
+const RESUME_BELOW: usize = 1_000;
+/// At most this many records are buffered in all (bounds memory whatever the partition count).
+const MAX_BUFFERED: usize = 20_000;
 /// How many times in a row the producer may be re-created after the broker timed out a
 /// transaction before the instance gives up.
 const MAX_TIMEOUT_RECOVERIES: u32 = 3;
@@ -220,6 +226,38 @@ pub(crate) struct LoopState {
     /// When the most recent transaction began (kept after it ends, for telling a broker-side
     /// timeout from fencing).
     txn_started: Option<Instant>,
+    /// Moving average of the time one record of one partition takes to process, used to size
+    /// batches so that one batch takes about half a commit interval.
+    per_record: Option<Duration>,
+}
+
+impl LoopState {
+    /// How many records of one partition to take per batch: as many as fit in half a commit
+    /// interval at the observed processing speed, between 1 and [`MAX_PER_PARTITION`]. A slow
+    /// processor thus still commits about every commit interval, and rebalances and shutdowns
+    /// never wait long for a batch.
+    fn per_partition_share(&self, commit_interval: Duration) -> usize {
+        match self.per_record {
+            Some(per) if !per.is_zero() => {
+                let fit = (commit_interval / 2).as_nanos() / per.as_nanos();
+                usize::try_from(fit)
+                    .unwrap_or(MAX_PER_PARTITION)
+                    .clamp(1, MAX_PER_PARTITION)
+            }
+            _ => MAX_PER_PARTITION,
+        }
+    }
+
+    fn observe_batch(&mut self, elapsed: Duration, longest_partition_run: usize) {
+        let Ok(n) = u32::try_from(longest_partition_run.max(1)) else {
+            return;
+        };
+        let sample = elapsed / n;
+        self.per_record = Some(match self.per_record {
+            Some(avg) => (avg * 7 + sample * 3) / 10,
+            None => sample,
+        });
+    }
 }
 
 impl LoopState {
@@ -284,6 +322,7 @@ where
             next_seq: 0,
             timeout_recoveries: 0,
             txn_started: None,
+            per_record: None,
         }),
     });
     let consumer: PipelineConsumer<P, C> =
@@ -409,8 +448,10 @@ where
 {
     let (wait, room) = {
         let st = shared.state();
-        let room = MAX_BATCH.saturating_sub(st.buffer.len() / 4);
+        let room = MAX_BATCH.min(MAX_BUFFERED.saturating_sub(st.buffer.len()));
+        // With records waiting to be processed, only serve what is already fetched.
         let wait = match &st.txn {
+            _ if !st.buffer.is_empty() => Duration::ZERO,
             Some(t) => shared
                 .config
                 .commit_interval
@@ -430,7 +471,7 @@ where
                 let owned = message.detach();
                 let mut st = shared.state();
                 let (key, buffered) = st.buffer.push(owned);
-                if buffered >= MAX_PER_PARTITION && st.paused.insert(key.clone()) {
+                if buffered >= PAUSE_AT && st.paused.insert(key.clone()) {
                     set_paused(consumer, &key, true);
                 }
             }
@@ -464,7 +505,8 @@ fn set_paused<Ctx: rdkafka::consumer::ConsumerContext>(
     }
 }
 
-/// Resumes paused partitions whose buffer has drained to half (all of them with `all`).
+/// Resumes paused partitions whose buffer has drained below [`RESUME_BELOW`], and those `also`
+/// names.
 pub(crate) fn resume_drained<Ctx: rdkafka::consumer::ConsumerContext>(
     st: &mut LoopState,
     consumer: &BaseConsumer<Ctx>,
@@ -473,7 +515,7 @@ pub(crate) fn resume_drained<Ctx: rdkafka::consumer::ConsumerContext>(
     let ready: Vec<Key> = st
         .paused
         .iter()
-        .filter(|k| also(k) || st.buffer.partition_len(k) < MAX_PER_PARTITION / 2)
+        .filter(|k| also(k) || st.buffer.partition_len(k) < RESUME_BELOW)
         .cloned()
         .collect();
     for k in ready {
@@ -603,7 +645,8 @@ where
                 dead_letters: 0,
             });
         }
-        let groups = st.buffer.take(n, MAX_PER_PARTITION);
+        let share = st.per_partition_share(config.commit_interval);
+        let groups = st.buffer.take(n, share);
         let mut prior: HashMap<(String, i32, i64), (u32, String)> = HashMap::new();
         let LoopState { txn, attempts, .. } = &mut *st;
         for (key, records) in &groups {
@@ -623,46 +666,48 @@ where
     };
 
     // Process: one task per partition, records of a partition strictly in order.
+    let longest = groups.values().map(Vec::len).max().unwrap_or(0);
+    let processing_started = Instant::now();
     let prior = Arc::new(prior);
     let decode_failure = config.decode_failure;
     let max_attempts = config.max_attempts;
-    let results: Result<Vec<Processed>, tokio::task::JoinError> =
-        shared.runtime.block_on(async {
-            let handles: Vec<_> = groups
-                .into_values()
-                .map(|records| {
-                    let processor = Arc::clone(&shared.processor);
-                    let codec = Arc::clone(&shared.codec);
-                    let prior = Arc::clone(&prior);
-                    tokio::spawn(async move {
-                        let outcomes = process_partition(
-                            &*processor,
-                            &*codec,
-                            &records,
-                            &prior,
-                            max_attempts,
-                            decode_failure,
-                        )
-                        .await;
-                        (records, outcomes)
-                    })
+    let results: Result<Vec<Processed>, tokio::task::JoinError> = shared.runtime.block_on(async {
+        let handles: Vec<_> = groups
+            .into_values()
+            .map(|records| {
+                let processor = Arc::clone(&shared.processor);
+                let codec = Arc::clone(&shared.codec);
+                let prior = Arc::clone(&prior);
+                tokio::spawn(async move {
+                    let outcomes = process_partition(
+                        &*processor,
+                        &*codec,
+                        &records,
+                        &prior,
+                        max_attempts,
+                        decode_failure,
+                    )
+                    .await;
+                    (records, outcomes)
                 })
-                .collect();
-            let mut results = Vec::with_capacity(handles.len());
-            for h in handles {
-                match h.await {
-                    Ok(r) => results.push(r),
-                    Err(e) => return Err(e),
-                }
+            })
+            .collect();
+        let mut results = Vec::with_capacity(handles.len());
+        for h in handles {
+            match h.await {
+                Ok(r) => results.push(r),
+                Err(e) => return Err(e),
             }
-            Ok(results)
-        });
+        }
+        Ok(results)
+    });
     // A panicking processor is a bug in it; stopping (after an abort) is the only safe answer.
     let results =
         results.map_err(|e| Step::Stop(Error::Worker(format!("the processor panicked: {e}"))))?;
 
     // Produce the results into the transaction, in offset order per partition.
     let mut guard = shared.state();
+    guard.observe_batch(processing_started.elapsed(), longest);
     let LoopState {
         producer,
         txn,

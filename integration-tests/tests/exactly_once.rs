@@ -577,3 +577,67 @@ async fn a_transaction_the_broker_times_out_is_recovered_from_without_loss_or_du
         summary.producer_recoveries
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_commits_outputs_with_offsets_and_forced_stop_aborts() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-shutdown", 3, 3).await;
+    let input = events(6_000, 29);
+    produce_events(kafka, &t.input, &input).await;
+    let config = || {
+        test_config(kafka, &t.app, "0", &t.input)
+            .build()
+            .expect("config")
+    };
+    let delay = Duration::from_millis(2);
+
+    // Graceful, mid-stream: what is committed afterwards is consistent — every committed input
+    // offset has its output committed, and no output lacks its committed offset.
+    let first = Running::start(Pipeline::new(
+        config(),
+        Enrich::slow(&t.output, "first", delay),
+    ));
+    wait_progress(kafka, &t.app, &t.input, 600, CATCH_UP).await;
+    let summary = first.stop().await;
+    let (_, committed_offsets) = onceflow_integration_tests::offsets(kafka, &t.app, &t.input)
+        .await
+        .expect("offsets");
+    let offsets_total: i64 = committed_offsets.values().map(|o| o.unwrap_or(0)).sum();
+    let outputs = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    assert_eq!(
+        outputs.len() as i64,
+        offsets_total,
+        "after a graceful stop, committed outputs and committed offsets must match"
+    );
+    assert!(
+        offsets_total < 6_000,
+        "the stop must have happened mid-stream"
+    );
+    println!(
+        "graceful stop after {} of 6,000: outputs and offsets both at {offsets_total}",
+        summary.records_committed
+    );
+
+    // Forced, mid-stream: the open transaction is aborted and `run` says so.
+    let second = Running::start(Pipeline::new(
+        config(),
+        Enrich::slow(&t.output, "second", delay),
+    ));
+    wait_progress(kafka, &t.app, &t.input, offsets_total + 300, CATCH_UP).await;
+    second.shutdown.force();
+    let forced = second.handle.await.expect("task");
+    assert!(
+        matches!(forced, Err(onceflow::Error::Interrupted)),
+        "a forced stop reports it: {forced:?}"
+    );
+
+    // A restart finishes the stream: exactly once overall.
+    let third = Running::start(Pipeline::new(config(), Enrich::new(&t.output, "third")));
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    third.stop().await;
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &committed, 3).assert_exactly_once();
+    println!("forced stop, then restart: 6,000 inputs exactly once");
+}

@@ -2,6 +2,10 @@
 //! transactions commit and abort, isolation levels filter, offsets sent in a transaction become
 //! the group's committed offsets, a second producer with the same transactional id fences the
 //! first, and librdkafka's `murmur2_random` partitioner agrees with the Java client.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the platform test exercises librdkafka's transactional API directly, on blocking threads"
+)]
 
 use std::time::Duration;
 

@@ -1,45 +1,82 @@
-//! The main job: a transactional copy pipeline on a real Kafka, checked by reading it back.
+//! The main job: an exactly-once onceflow pipeline on a real Kafka, checked by reading back.
 //!
-//! Starts an embedded Apache Kafka (or uses `--bootstrap-servers`), produces keyed input
-//! records, copies them input → output inside Kafka transactions (records and input offsets
-//! committed together), then reads the output back under `read_committed` and prints how many
-//! records arrived, how many were duplicated and how many were lost.
+//! Starts an embedded Apache Kafka (or uses `--bootstrap-servers`), produces keyed order
+//! events, runs a onceflow pipeline that enriches each event (outputs and input offsets are
+//! committed together in Kafka transactions), then reads the output back under
+//! `read_committed` and prints how many records arrived, were duplicated and were lost.
 //!
 //! ```text
 //! cargo run -p onceflow-examples --bin demo -- --records 20000
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use onceflow::testkit::{self, Isolation, Kafka, KafkaOptions};
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::Message as _;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
-use rdkafka::{Offset, TopicPartitionList};
+use onceflow::{Output, OutputRecord, Pipeline, PipelineConfig, ProcessError, Processor, Record};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Parser)]
-#[command(about = "Run a transactional copy pipeline on a real Kafka and verify it exactly-once")]
+#[command(about = "Run an exactly-once onceflow pipeline on a real Kafka and verify it")]
 struct Args {
-    /// How many input records to produce.
+    /// How many input events to produce.
     #[arg(long, default_value_t = 20_000)]
     records: u64,
     /// Use this cluster instead of starting an embedded broker.
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     bootstrap_servers: Option<String>,
-    /// Input partitions.
+    /// Input and output partitions.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
-    /// Records per transaction at most.
-    #[arg(long, default_value_t = 1_000)]
-    batch: usize,
 }
 
-type Producer = ThreadedProducer<DefaultProducerContext>;
+#[derive(Debug, Serialize, Deserialize)]
+struct OrderEvent {
+    id: u64,
+    user: String,
+    cents: u64,
+}
 
-fn main() -> anyhow::Result<()> {
+#[derive(Debug, Serialize, Deserialize)]
+struct Priced {
+    id: u64,
+    user: String,
+    cents: u64,
+    with_vat_cents: u64,
+}
+
+/// Adds VAT to each event; keyed by user so one user's results stay in order.
+struct AddVat {
+    output: String,
+}
+
+#[onceflow::async_trait]
+impl Processor for AddVat {
+    type Input = OrderEvent;
+
+    async fn process(&self, r: &Record<OrderEvent>, out: &mut Output) -> Result<(), ProcessError> {
+        let e = &r.value;
+        let priced = Priced {
+            id: e.id,
+            user: e.user.clone(),
+            cents: e.cents,
+            with_vat_cents: e.cents * 120 / 100,
+        };
+        out.send(
+            OutputRecord::to(&self.output)
+                .key(e.user.as_str())
+                .json(&priced)?
+                .headers_from(&r.headers),
+        );
+        Ok(())
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -49,182 +86,151 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
 
-    // Everything here is blocking librdkafka work on the main thread; the testkit's async
-    // helpers get a small runtime of their own.
-    let rt = tokio::runtime::Runtime::new()?;
-    let kafka = match &args.bootstrap_servers {
-        Some(_) => Kafka::start_blocking(&KafkaOptions::single())?,
-        None => {
-            println!(
-                "starting an embedded Apache Kafka {} ...",
-                testkit::KAFKA_VERSION
-            );
-            Kafka::start_blocking(&KafkaOptions::cluster(1))?
-        }
+    let options = if args.bootstrap_servers.is_some() {
+        KafkaOptions::single()
+    } else {
+        println!(
+            "starting an embedded Apache Kafka {} ...",
+            testkit::KAFKA_VERSION
+        );
+        KafkaOptions::cluster(1)
     };
+    let kafka = Kafka::start_with(options).await?;
     println!("kafka: {}", kafka.describe());
-    let bootstrap = kafka.bootstrap_servers().to_owned();
 
-    let run = format!("{}", std::process::id());
-    let input = format!("demo-input-{run}");
-    let output = format!("demo-output-{run}");
-    let group = format!("demo-copier-{run}");
-    rt.block_on(kafka.create_topic(&input, args.partitions, 1))?;
-    rt.block_on(kafka.create_topic(&output, args.partitions, 1))?;
+    let run = std::process::id();
+    let input = format!("demo-orders-{run}");
+    let output = format!("demo-priced-{run}");
+    let app = format!("demo-pricer-{run}");
+    kafka.create_topic(&input, args.partitions, 1).await?;
+    kafka.create_topic(&output, args.partitions, 1).await?;
 
-    produce_input(&kafka, &input, args.records)?;
-    println!("produced {} input records to {input}", args.records);
+    produce_input(&kafka, &input, args.records).await?;
+    println!("produced {} order events to {input}", args.records);
 
-    let copy_started = Instant::now();
-    let stats = copy_exactly_once(&kafka, &input, &output, &group, args.records, args.batch)?;
-    let copy_secs = copy_started.elapsed().as_secs_f64();
+    let config = PipelineConfig::builder()
+        .bootstrap_servers(kafka.bootstrap_servers())
+        .application_id(&app)
+        .instance_id("0")
+        .input_topic(&input)
+        .build()?;
+    let pipeline = Pipeline::new(
+        config,
+        AddVat {
+            output: output.clone(),
+        },
+    );
+    let shutdown = pipeline.shutdown_handle();
+    let run_started = Instant::now();
+    let running = tokio::spawn(pipeline.run());
+    wait_caught_up(&kafka, &app, &input).await?;
+    let process_secs = run_started.elapsed().as_secs_f64();
+    shutdown.shutdown();
+    let summary = running.await??;
 
-    let out = testkit::read_all_blocking(
-        &bootstrap,
+    let out = testkit::read_all(
+        kafka.bootstrap_servers(),
         &output,
         Isolation::ReadCommitted,
         Duration::from_secs(120),
-    )?;
+    )
+    .await?;
     let mut seen: HashMap<u64, u32> = HashMap::new();
     for r in &out {
-        let n: u64 = r
-            .value_str()
-            .strip_prefix("copy-of-")
-            .and_then(|v| v.parse().ok())
+        let p: Priced = serde_json::from_slice(r.value.as_deref().unwrap_or_default())
             .with_context(|| format!("unexpected output {:?}", r.value_str()))?;
-        *seen.entry(n).or_default() += 1;
+        *seen.entry(p.id).or_default() += 1;
     }
     let duplicates: u64 = seen.values().map(|c| u64::from(c.saturating_sub(1))).sum();
     let losses = (0..args.records).filter(|n| !seen.contains_key(n)).count();
 
     println!();
-    println!("onceflow demo: transactional copy");
-    println!("  input records       {}", args.records);
-    println!("  output (committed)  {}", out.len());
-    println!("  duplicates          {duplicates}");
-    println!("  losses              {losses}");
-    println!("  transactions        {}", stats.transactions);
+    println!("onceflow demo: exactly-once pricing pipeline");
+    println!("  input events            {}", args.records);
+    println!("  output (read_committed) {}", out.len());
+    println!("  duplicates              {duplicates}");
+    println!("  losses                  {losses}");
     println!(
-        "  copy throughput     {:.0} records/s",
-        args.records as f64 / copy_secs.max(1e-9)
+        "  transactions committed  {}",
+        summary.transactions_committed
+    );
+    println!("  transactions aborted    {}", summary.transactions_aborted);
+    println!(
+        "  throughput              {:.0} events/s (until every output was committed)",
+        args.records as f64 / process_secs.max(1e-9)
     );
     println!(
-        "  total time          {:.1} s",
+        "  total time              {:.1} s",
         started.elapsed().as_secs_f64()
     );
     if duplicates != 0 || losses != 0 || out.len() as u64 != args.records {
         bail!("exactly-once violated: {duplicates} duplicates, {losses} losses");
     }
-    println!("  exactly-once        OK");
+    println!("  exactly-once            OK");
     Ok(())
 }
 
-#[expect(
-    clippy::disallowed_methods,
-    reason = "the demo drives librdkafka from the main thread, outside any async executor"
-)]
-fn produce_input(kafka: &Kafka, topic: &str, records: u64) -> anyhow::Result<()> {
-    let producer: Producer = kafka
+async fn produce_input(kafka: &Kafka, topic: &str, records: u64) -> anyhow::Result<()> {
+    let producer: FutureProducer = kafka
         .client_config()
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .create()?;
-    for n in 0..records {
-        let key = format!("user-{}", n % 1_000);
-        let value = n.to_string();
-        let mut record = BaseRecord::to(topic).key(&key).payload(&value);
-        // The queue is bounded; when it is full, let delivery catch up and try again.
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, r))
-                    if e.rdkafka_error_code()
-                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(e.into()),
+    let mut pending = Vec::new();
+    for id in 0..records {
+        let event = OrderEvent {
+            id,
+            user: format!("user-{}", id % 1_000),
+            cents: 100 + id % 9_900,
+        };
+        let value = serde_json::to_vec(&event)?;
+        let key = event.user.clone();
+        let p = producer.clone();
+        let topic = topic.to_owned();
+        pending.push(async move {
+            p.send(
+                FutureRecord::to(&topic).key(&key).payload(&value),
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|(e, _)| e)
+        });
+        if pending.len() == 1_000 {
+            for r in futures::future::join_all(pending.drain(..)).await {
+                r?;
             }
         }
     }
-    producer.flush(Duration::from_secs(60))?;
+    for r in futures::future::join_all(pending).await {
+        r?;
+    }
     Ok(())
 }
 
-struct CopyStats {
-    transactions: u64,
-}
-
-/// consume (read_committed) → produce + send offsets inside one transaction → commit.
-fn copy_exactly_once(
-    kafka: &Kafka,
-    input: &str,
-    output: &str,
-    group: &str,
-    expected: u64,
-    batch: usize,
-) -> anyhow::Result<CopyStats> {
-    let consumer: BaseConsumer = kafka
-        .client_config()
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    consumer.subscribe(&[input])?;
-    let producer: Producer = kafka
-        .client_config()
-        .set("transactional.id", format!("{group}-0"))
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .create()?;
-    let timeout = Duration::from_secs(30);
-    producer.init_transactions(timeout)?;
-
-    let mut copied = 0u64;
-    let mut transactions = 0u64;
+/// Waits until the pipeline's group has committed the end offset of every input partition.
+async fn wait_caught_up(kafka: &Kafka, group: &str, topic: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
-    while copied < expected {
+    loop {
+        let (b, g, t) = (
+            kafka.bootstrap_servers().to_owned(),
+            group.to_owned(),
+            topic.to_owned(),
+        );
+        let caught_up = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+            let ends = testkit::end_offsets_blocking(&b, &t, Isolation::ReadUncommitted)?;
+            let committed = testkit::committed_offsets_blocking(&b, &g, &t)?;
+            Ok(ends
+                .iter()
+                .all(|(p, end)| committed.get(p).copied().flatten() == Some(*end)))
+        })
+        .await??;
+        if caught_up {
+            return Ok(());
+        }
         if Instant::now() > deadline {
-            bail!("copied only {copied} of {expected} records in 300 s");
+            bail!("the pipeline did not catch up within 300 s");
         }
-        producer.begin_transaction()?;
-        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-        let batch_end = Instant::now() + Duration::from_millis(100);
-        let mut in_batch = 0;
-        while in_batch < batch && Instant::now() < batch_end {
-            let Some(message) = consumer.poll(Duration::from_millis(20)) else {
-                continue;
-            };
-            let message = message?;
-            let value = format!(
-                "copy-of-{}",
-                std::str::from_utf8(message.payload().unwrap_or_default())?
-            );
-            let record = BaseRecord::to(output)
-                .key(message.key().unwrap_or_default())
-                .payload(&value);
-            producer.send(record).map_err(|(e, _)| e)?;
-            next.insert(message.partition(), message.offset() + 1);
-            in_batch += 1;
-        }
-        if next.is_empty() {
-            producer.abort_transaction(timeout)?;
-            continue;
-        }
-        let mut offsets = TopicPartitionList::new();
-        for (partition, offset) in &next {
-            offsets.add_partition_offset(input, *partition, Offset::Offset(*offset))?;
-        }
-        let group_metadata = consumer
-            .group_metadata()
-            .context("the consumer has no group metadata")?;
-        producer.send_offsets_to_transaction(&offsets, &group_metadata, timeout)?;
-        producer.commit_transaction(timeout)?;
-        copied += in_batch as u64;
-        transactions += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(CopyStats { transactions })
 }
