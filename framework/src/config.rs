@@ -83,6 +83,7 @@ pub struct PipelineConfig {
     pub(crate) decode_failure: DecodeFailure,
     pub(crate) assignment_strategy: AssignmentStrategy,
     pub(crate) start_from: StartFrom,
+    pub(crate) stamp_source: bool,
     pub(crate) kafka_properties: BTreeMap<String, String>,
     pub(crate) consumer_properties: BTreeMap<String, String>,
     pub(crate) producer_properties: BTreeMap<String, String>,
@@ -164,6 +165,7 @@ impl fmt::Debug for PipelineConfig {
             .field("decode_failure", &self.decode_failure)
             .field("assignment_strategy", &self.assignment_strategy)
             .field("start_from", &self.start_from)
+            .field("stamp_source", &self.stamp_source)
             .field("kafka_properties", &Redacted(&self.kafka_properties))
             .field("consumer_properties", &Redacted(&self.consumer_properties))
             .field("producer_properties", &Redacted(&self.producer_properties))
@@ -263,6 +265,7 @@ pub struct PipelineConfigBuilder {
     decode_failure: DecodeFailure,
     assignment_strategy: AssignmentStrategy,
     start_from: StartFrom,
+    stamp_source: bool,
     kafka_properties: BTreeMap<String, String>,
     consumer_properties: BTreeMap<String, String>,
     producer_properties: BTreeMap<String, String>,
@@ -286,6 +289,7 @@ impl Default for PipelineConfigBuilder {
             decode_failure: DecodeFailure::DeadLetter,
             assignment_strategy: AssignmentStrategy::CooperativeSticky,
             start_from: StartFrom::Earliest,
+            stamp_source: true,
             kafka_properties: BTreeMap::new(),
             consumer_properties: BTreeMap::new(),
             producer_properties: BTreeMap::new(),
@@ -436,6 +440,15 @@ impl PipelineConfigBuilder {
         self
     }
 
+    /// Adds the lineage header [`SOURCE_HEADER`](crate::processor::SOURCE_HEADER)
+    /// (`topic/partition/offset` of the input) to every output record, so `onceflow verify` can
+    /// match outputs to inputs. Default true.
+    #[must_use]
+    pub fn stamp_source(mut self, stamp: bool) -> Self {
+        self.stamp_source = stamp;
+        self
+    }
+
     /// A librdkafka property for both the consumer and the producer (TLS, SASL, tuning). The
     /// properties exactly-once depends on are refused by [`build`](Self::build).
     #[must_use]
@@ -560,6 +573,7 @@ impl PipelineConfigBuilder {
             decode_failure: self.decode_failure,
             assignment_strategy: self.assignment_strategy,
             start_from: self.start_from,
+            stamp_source: self.stamp_source,
             kafka_properties: self.kafka_properties,
             consumer_properties: self.consumer_properties,
             producer_properties: self.producer_properties,

@@ -118,6 +118,26 @@ pub enum Error {
         source: KafkaError,
     },
 
+    /// The cluster did not answer.
+    #[error(
+        "cannot reach Kafka at {bootstrap_servers}: {source}. Check the address, that the \
+         brokers run, and the TLS/SASL settings"
+    )]
+    Unreachable {
+        /// The bootstrap servers tried.
+        bootstrap_servers: String,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+
+    /// A topic does not exist.
+    #[error("topic {topic} does not exist (or has no partitions)")]
+    MissingTopic {
+        /// The topic.
+        topic: String,
+    },
+
     /// A second shutdown signal: the open transaction was aborted and the pipeline stopped
     /// without waiting.
     #[error("shutdown was forced (second signal): the open transaction was aborted")]
@@ -139,6 +159,8 @@ impl Error {
             | Self::Processor { .. }
             | Self::NoDeadLetterTopic { .. }
             | Self::Unresolved { .. }
+            | Self::Unreachable { .. }
+            | Self::MissingTopic { .. }
             | Self::Interrupted
             | Self::Worker(_) => ErrorClass::Fatal,
         }

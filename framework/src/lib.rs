@@ -60,6 +60,7 @@
 //! * [`partitioner`]: key → partition routing identical to the Java client's (murmur2).
 //! * [`dead_letter`]: the dead-letter record format and its headers.
 //! * [`shutdown`]: graceful and forced shutdown.
+//! * [`verify`]: checking an output topic against its input (the logic of `onceflow verify`).
 //! * the consumer side, producer side, transaction loop and rebalance handling are internal
 //!   modules (`consumer`, `producer`, `transaction`, `rebalance`); the [`guide`] explains
 //!   them.
@@ -86,6 +87,7 @@ mod producer;
 mod rebalance;
 pub mod shutdown;
 mod transaction;
+pub mod verify;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

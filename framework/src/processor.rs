@@ -48,6 +48,19 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+
+/// The lineage header onceflow adds to every output record (unless
+/// [`stamp_source(false)`](crate::PipelineConfigBuilder::stamp_source)): the input record it came
+/// from, as `topic/partition/offset`. `onceflow verify` matches outputs to inputs with it.
+pub const SOURCE_HEADER: &str = "onceflow.source";
+
+/// Parses a [`SOURCE_HEADER`] value into (topic, partition, offset).
+#[must_use]
+pub fn parse_source(value: &str) -> Option<(&str, i32, i64)> {
+    let (rest, offset) = value.rsplit_once('/')?;
+    let (topic, partition) = rest.rsplit_once('/')?;
+    Some((topic, partition.parse().ok()?, offset.parse().ok()?))
+}
 use serde::Serialize;
 
 use crate::error::BoxError;
@@ -434,6 +447,13 @@ pub trait Processor: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_header_round_trips() {
+        assert_eq!(parse_source("orders.v1/3/42"), Some(("orders.v1", 3, 42)));
+        assert_eq!(parse_source("a/b/c"), None);
+        assert_eq!(parse_source("nope"), None);
+    }
 
     #[test]
     fn headers_get_the_last_value() {

@@ -136,12 +136,18 @@ impl TxProducer {
     }
 
     /// Enqueues one record. Waits (on this blocking thread) while librdkafka's queue is full.
+    /// `source`, when given, is added as the [`SOURCE_HEADER`](crate::processor::SOURCE_HEADER)
+    /// lineage header.
     #[expect(
         clippy::disallowed_methods,
         reason = "runs on the pipeline's worker thread, never on the async executor"
     )]
-    pub(crate) fn send(&self, record: &OutputRecord) -> Result<(), SendRejected> {
-        let headers = record
+    pub(crate) fn send(
+        &self,
+        record: &OutputRecord,
+        source: Option<&str>,
+    ) -> Result<(), SendRejected> {
+        let mut headers = record
             .headers
             .iter()
             .fold(OwnedHeaders::new(), |h, header| {
@@ -150,6 +156,12 @@ impl TxProducer {
                     value: header.value.as_deref(),
                 })
             });
+        if let Some(source) = source {
+            headers = headers.insert(RdHeader {
+                key: crate::processor::SOURCE_HEADER,
+                value: Some(source),
+            });
+        }
         let mut base: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&record.topic).headers(headers);
         if let Some(k) = &record.key {
             base = base.key(k.as_slice());

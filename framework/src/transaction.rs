@@ -61,9 +61,9 @@ const PAUSE_AT: usize = 4_000;
 const RESUME_BELOW: usize = 1_000;
 /// At most this many records are buffered in all (bounds memory whatever the partition count).
 const MAX_BUFFERED: usize = 20_000;
-/// How many times in a row the producer may be re-created after the broker timed out a
-/// transaction before the instance gives up.
-const MAX_TIMEOUT_RECOVERIES: u32 = 3;
+/// How many times in a row (without a successful commit between) the producer may be
+/// re-created after it became unusable, before the instance gives up and stops.
+const MAX_PRODUCER_RECOVERIES: u32 = 3;
 
 type Key = (String, i32);
 
@@ -162,7 +162,8 @@ pub struct RunSummary {
     pub dead_letters_committed: u64,
     /// Rebalances (revocations) this instance went through.
     pub rebalances: u64,
-    /// Times the producer was re-created after the broker aborted a timed-out transaction.
+    /// Times the producer was re-created because it became unusable (a transaction the broker
+    /// timed out, a fatal transactional error other than fencing by a newer instance).
     pub producer_recoveries: u64,
 }
 
@@ -222,7 +223,7 @@ pub(crate) struct LoopState {
     pub(crate) deferred: Option<Step>,
     pub(crate) summary: RunSummary,
     next_seq: u64,
-    timeout_recoveries: u32,
+    producer_recoveries_in_row: u32,
     /// When the most recent transaction began (kept after it ends, for telling a broker-side
     /// timeout from fencing).
     txn_started: Option<Instant>,
@@ -320,7 +321,7 @@ where
             deferred: None,
             summary: RunSummary::default(),
             next_seq: 0,
-            timeout_recoveries: 0,
+            producer_recoveries_in_row: 0,
             txn_started: None,
             per_record: None,
         }),
@@ -724,8 +725,16 @@ where
             let key = (message.topic().to_owned(), message.partition());
             match outcome {
                 Outcome::Emit(outputs) => {
+                    let source = config.stamp_source.then(|| {
+                        format!(
+                            "{}/{}/{}",
+                            message.topic(),
+                            message.partition(),
+                            message.offset()
+                        )
+                    });
                     for output in &outputs {
-                        if let Err(rejected) = producer.send(output) {
+                        if let Err(rejected) = producer.send(output, source.as_deref()) {
                             // Some of this record's outputs may already be in the transaction;
                             // only an abort takes them out again.
                             let reason = format!("an output record was rejected: {}", rejected.0);
@@ -761,7 +770,7 @@ where
                         tried,
                         &config.instance_id,
                     );
-                    if let Err(rejected) = producer.send(&letter) {
+                    if let Err(rejected) = producer.send(&letter, None) {
                         return Err(Step::Stop(Error::kafka(
                             "dead-lettering a record",
                             rejected.0,
@@ -950,6 +959,12 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
             backoff: None,
         });
     }
+    tracing::debug!(
+        seq = txn.seq,
+        records = txn.records,
+        partitions = txn.next.len(),
+        "committing transaction"
+    );
     if !txn.next.is_empty() {
         let group: ConsumerGroupMetadata = consumer.group_metadata().ok_or_else(|| {
             Step::Stop(Error::Worker("the consumer has no group metadata".into()))
@@ -981,7 +996,7 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
     s.records_committed += txn.records as u64;
     s.outputs_committed += txn.outputs as u64;
     s.dead_letters_committed += txn.dead_letters as u64;
-    st.timeout_recoveries = 0;
+    st.producer_recoveries_in_row = 0;
     if !st.attempts.is_empty() {
         st.attempts.retain(|(t, p, o), _| {
             txn.next
@@ -1070,57 +1085,105 @@ where
             }
         }
         Step::Stop(e) => {
-            let timed_out = {
+            let recoverable = {
                 let st = shared.state();
-                e.is_fenced()
-                    && st.timeout_recoveries < MAX_TIMEOUT_RECOVERIES
-                    && st
-                        .txn
-                        .as_ref()
-                        .map(|t| t.started)
-                        .or(st.last_txn_started())
-                        .is_some_and(|t| t.elapsed() >= shared.config.transaction_timeout)
+                st.producer_recoveries_in_row < MAX_PRODUCER_RECOVERIES
+                    && producer_can_be_replaced(&e, &st, shared.config.transaction_timeout)
             };
-            if !timed_out {
+            if !recoverable {
                 let mut st = shared.state();
                 if st.txn.is_some() && !e.is_fenced() {
                     let _ = abort_open(&mut st, "the pipeline is stopping");
                 }
                 return Err(e);
             }
-            // The broker aborted our transaction because it outlived transaction.timeout.ms,
-            // and bumped the producer epoch; librdkafka reports that exactly like fencing by a
-            // newer instance. This instance still owns its partitions (the consumer group says
-            // so), so it takes a new producer epoch and processes the aborted records again.
-            let cause = match &e {
-                Error::Fenced { source, .. } => source.to_string(),
-                other => other.to_string(),
-            };
-            tracing::warn!(
-                %cause,
-                timeout = ?shared.config.transaction_timeout,
-                "the broker aborted a transaction that outlived transaction.timeout.ms; \
-                 re-initialising the producer and processing its records again"
-            );
-            let fresh = TxProducer::create_and_init(&shared.config)?;
-            let (old, partitions) = {
-                let mut st = shared.state();
-                let old = std::mem::replace(&mut st.producer, fresh);
-                let txn = st.txn.take();
-                let partitions = rewind(&mut st, txn.as_ref());
-                st.summary.transactions_aborted += u64::from(txn.is_some());
-                st.summary.producer_recoveries += 1;
-                st.timeout_recoveries += 1;
-                st.txn_started = None;
-                (old, partitions)
-            };
-            drop(old);
-            if !partitions.is_empty() {
-                shared
-                    .runtime
-                    .block_on(shared.processor.on_transaction_aborted(&partitions));
-            }
-            apply_pending_seeks(shared, consumer)
+            replace_producer(shared, consumer, &e)
         }
     }
+}
+
+/// True when the producer is dead for a reason a new producer cures.
+///
+/// * Fenced while the open transaction is older than `transaction.timeout.ms`: the broker
+///   aborted it and bumped the epoch, and librdkafka reports that exactly like fencing by a
+///   newer instance. A transaction younger than that was fenced by a real newer instance: stop.
+/// * Any other fatal producer error (e.g. `INVALID_TXN_STATE` from an abort after messages
+///   timed out during a broker failover): this instance still owns its partitions — the
+///   consumer group says so — so it takes a new producer epoch.
+fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) -> bool {
+    match e {
+        Error::Fenced { .. } => st
+            .txn
+            .as_ref()
+            .map(|t| t.started)
+            .or(st.last_txn_started())
+            .is_some_and(|t| t.elapsed() >= txn_timeout),
+        Error::Kafka {
+            source: rdkafka::error::KafkaError::Transaction(t),
+            ..
+        } => t.is_fatal(),
+        _ => false,
+    }
+}
+
+/// Replaces a dead producer: `init_transactions` with the same transactional id aborts (or, if
+/// it was prepared, completes) whatever the old one left open. Then every assigned partition is
+/// rewound to the offset the broker has **committed** — not to the in-memory rewind points,
+/// which would duplicate a commit whose outcome was unknown and turned out committed.
+fn replace_producer<P, C>(
+    shared: &Arc<Shared<P, C>>,
+    consumer: &PipelineConsumer<P, C>,
+    cause: &Error,
+) -> Result<(), Error>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let cause = match cause {
+        Error::Fenced { source, .. } => source.to_string(),
+        other => other.to_string(),
+    };
+    tracing::warn!(
+        %cause,
+        "the transactional producer can no longer be used; re-initialising it and processing \
+         the records since the last commit again"
+    );
+    let fresh = TxProducer::create_and_init(&shared.config)?;
+    let assignment = consumer
+        .assignment()
+        .map_err(|e| Error::kafka("reading the assignment", e))?;
+    // read_committed: waits for offsets still pending in a transaction being completed.
+    let committed = consumer
+        .committed_offsets(assignment, Duration::from_secs(30))
+        .map_err(|e| Error::kafka("fetching the committed offsets", e))?;
+    let (old, partitions) = {
+        let mut st = shared.state();
+        let old = std::mem::replace(&mut st.producer, fresh);
+        let txn = st.txn.take();
+        let in_memory = rewind(&mut st, txn.as_ref());
+        st.pending_seeks.clear();
+        for e in committed.elements() {
+            let key = (e.topic().to_owned(), e.partition());
+            let target = match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                // Nothing committed yet: back to where this instance started reading it.
+                _ => txn.as_ref().and_then(|t| t.rewind.get(&key).copied()),
+            };
+            if let Some(o) = target {
+                st.pending_seeks.insert(key, o);
+            }
+        }
+        st.summary.transactions_aborted += u64::from(txn.is_some());
+        st.summary.producer_recoveries += 1;
+        st.producer_recoveries_in_row += 1;
+        st.txn_started = None;
+        (old, in_memory)
+    };
+    drop(old);
+    if !partitions.is_empty() {
+        shared
+            .runtime
+            .block_on(shared.processor.on_transaction_aborted(&partitions));
+    }
+    apply_pending_seeks(shared, consumer)
 }

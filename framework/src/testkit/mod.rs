@@ -54,8 +54,8 @@ use rdkafka::types::RDKafkaErrorCode;
 pub use error::{Result, TestkitError};
 pub use jars::{CACHE_DIR_ENV, FALLBACK_KAFKA_VERSION, KAFKA_VERSION, cache_dir};
 pub use readback::{
-    Isolation, ReadRecord, committed_offsets_blocking, end_offsets_blocking, read_all,
-    read_all_blocking,
+    Isolation, ReadRecord, committed_offsets_blocking, end_offsets_blocking,
+    last_committed_offsets_blocking, read_all, read_all_blocking,
 };
 
 /// Environment variable naming an existing cluster to use instead of starting one.

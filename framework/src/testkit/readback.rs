@@ -253,10 +253,34 @@ pub fn end_offsets_blocking(
 }
 
 /// The offsets `group` has committed for `topic`, per partition (`None`: nothing committed).
+///
+/// Waits for offsets still pending in an open transaction (as a new owner of the partitions
+/// would), so it can take up to its 10 s timeout, and fail, while a crashed producer's
+/// transaction is unresolved. For a progress reading that must not wait, use
+/// [`last_committed_offsets_blocking`].
 pub fn committed_offsets_blocking(
     bootstrap: &str,
     group: &str,
     topic: &str,
+) -> Result<BTreeMap<i32, Option<i64>>> {
+    committed_offsets(bootstrap, group, topic, Isolation::ReadCommitted)
+}
+
+/// The offsets `group` has committed for `topic` so far, not waiting for offsets pending in an
+/// open transaction.
+pub fn last_committed_offsets_blocking(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+) -> Result<BTreeMap<i32, Option<i64>>> {
+    committed_offsets(bootstrap, group, topic, Isolation::ReadUncommitted)
+}
+
+fn committed_offsets(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    isolation: Isolation,
 ) -> Result<BTreeMap<i32, Option<i64>>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -264,7 +288,7 @@ pub fn committed_offsets_blocking(
         .set("enable.auto.commit", "false")
         // read_committed makes the fetch wait for offsets still pending in a transaction
         // (require_stable), instead of returning an older value.
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation.as_config())
         .create()
         .map_err(|source| TestkitError::Admin {
             context: "creating an offsets client".into(),

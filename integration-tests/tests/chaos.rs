@@ -1,0 +1,524 @@
+//! Crash and failover proof, as Kafka's own transaction system tests do it: the processor runs
+//! as a separate OS process (`src/bin/copier.rs`) and is SIGKILLed and restarted mid-stream,
+//! brokers of a three-node cluster are SIGKILLed and restarted under it, and at the end
+//! `onceflow::verify` (the logic of `onceflow verify`) reads input and output back under
+//! read_committed and must find 0 duplicates, 0 losses, per-key order intact and every
+//! transaction finished.
+
+use std::collections::VecDeque;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use onceflow::testkit::{Kafka, KafkaOptions};
+use onceflow::verify::{Report, VerifyOptions, verify_blocking};
+use onceflow_integration_tests::{
+    events, init_tracing, input_producer, produce_events_with, unique,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+const CATCH_UP: Duration = Duration::from_secs(240);
+
+/// A small deterministic generator (xorshift64*), seeded from the clock and printed, so a
+/// failing run's kill schedule can be reproduced with `CHAOS_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn from_env_or_clock() -> Self {
+        let seed = std::env::var("CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            })
+            | 1;
+        println!("chaos seed: {seed} (set CHAOS_SEED to replay)");
+        Self(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n.max(1)
+    }
+}
+
+/// One copier process, with its stderr lines delivered to the test.
+struct Copier {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    started: Instant,
+    /// The last lines it logged, for failure messages.
+    tail: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl Copier {
+    fn spawn(kafka: &Kafka, app: &str, instance: &str, input: &str, output: &str) -> Self {
+        Self::spawn_slow(kafka, app, instance, input, output, 0)
+    }
+
+    /// A copier that takes `delay_ms` per record, so that a stream lasts long enough for
+    /// every kill to land mid-stream.
+    fn spawn_slow(
+        kafka: &Kafka,
+        app: &str,
+        instance: &str,
+        input: &str,
+        output: &str,
+        delay_ms: u64,
+    ) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_copier"))
+            .args([kafka.bootstrap_servers(), app, instance, input, output])
+            .env("RUST_LOG", "warn,onceflow=info,onceflow::transaction=debug")
+            .env("COPIER_DELAY_MS", delay_ms.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the copier");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::unbounded_channel();
+        // CHAOS_ECHO=1 shows every copier log line, for diagnosing a failed run.
+        let echo = std::env::var_os("CHAOS_ECHO").is_some();
+        let name = instance.to_owned();
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let keep = Arc::clone(&tail);
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if echo {
+                    eprintln!("[copier {name}] {line}");
+                }
+                if !line.contains("committing transaction") {
+                    let mut t = keep.lock().expect("tail");
+                    if t.len() == 200 {
+                        t.pop_front();
+                    }
+                    t.push_back(line.clone());
+                }
+                // The receiver is gone once the test stopped listening; keep draining the pipe
+                // so the copier never blocks on a full stderr.
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            started: Instant::now(),
+            tail,
+        }
+    }
+
+    /// The summary line the copier prints when it stops.
+    fn summary_line(&self) -> String {
+        self.tail
+            .lock()
+            .expect("tail")
+            .iter()
+            .rev()
+            .find(|l| l.contains("copier stopped"))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn tail(&self) -> String {
+        self.tail
+            .lock()
+            .expect("tail")
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits until the group has caught up with the input, failing at once (with the copier's
+    /// last log lines) if the copier exits meanwhile.
+    async fn wait_caught_up(&mut self, kafka: &Kafka, app: &str, input: &str) {
+        let deadline = Instant::now() + CATCH_UP;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the copier exited ({status}) before catching up; its log:\n{}",
+                    self.tail()
+                );
+            }
+            let done = onceflow_integration_tests::offsets(kafka, app, input)
+                .await
+                .is_ok_and(|(ends, committed)| {
+                    ends.iter()
+                        .all(|(p, end)| committed.get(p).copied().flatten() == Some(*end))
+                });
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no catch-up within {CATCH_UP:?}; the copier's log:\n{}",
+                self.tail()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`; false if the process ended or time ran out.
+    async fn wait_for(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) if line.contains(needle) => return true,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return false,
+            }
+        }
+    }
+
+    async fn sigkill(mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM; returns how long the process took to exit and whether it exited cleanly.
+    async fn sigterm(mut self, timeout: Duration) -> (Duration, bool) {
+        let pid = self.child.id().expect("running");
+        terminate(pid);
+        let sent = Instant::now();
+        let status = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .expect("the copier exits after SIGTERM")
+            .expect("wait");
+        // Let the log reader catch the last lines.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        println!("{}", self.summary_line());
+        (sent.elapsed(), status.success())
+    }
+}
+
+#[allow(unsafe_code)]
+fn terminate(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid");
+    // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped); no memory involved.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill(SIGTERM) failed");
+}
+
+async fn verify(kafka: &Kafka, input: &str, output: &str) -> Report {
+    let options = VerifyOptions::new(kafka.bootstrap_servers(), input, &[output]);
+    tokio::task::spawn_blocking(move || verify_blocking(&options, &mut |_, _, _| {}))
+        .await
+        .expect("verify task")
+        .expect("verify")
+}
+
+fn assert_exactly_once(report: &Report) {
+    assert!(
+        report.is_ok(),
+        "exactly-once violated: {} duplicates (e.g. {:?}), {} losses (e.g. {:?}), {} unmatched, \
+         {} order violations, transactions finished: {}",
+        report.duplicates(),
+        report.duplicate_examples,
+        report.losses,
+        report.lost_examples,
+        report.unmatched(),
+        report.order_violations(),
+        report.transactions_finished
+    );
+}
+
+/// Input offsets committed so far (not waiting for a killed instance's pending transaction).
+async fn committed_total(kafka: &Kafka, app: &str, input: &str) -> i64 {
+    let (b, g, t) = (
+        kafka.bootstrap_servers().to_owned(),
+        app.to_owned(),
+        input.to_owned(),
+    );
+    tokio::task::spawn_blocking(move || {
+        onceflow::testkit::last_committed_offsets_blocking(&b, &g, &t)
+            .map(|c| c.values().map(|o| o.unwrap_or(0)).sum())
+            .unwrap_or(0)
+    })
+    .await
+    .unwrap_or(0)
+}
+
+struct Setup {
+    input: String,
+    output: String,
+    app: String,
+}
+
+async fn setup(kafka: &Kafka, name: &str, records: u64, rf: i32) -> Setup {
+    let s = Setup {
+        input: unique(&format!("{name}-in")),
+        output: unique(&format!("{name}-out")),
+        app: unique(&format!("{name}-app")),
+    };
+    let min_isr = if rf >= 3 { "2" } else { "1" };
+    for t in [&s.input, &s.output] {
+        kafka
+            .create_topic_with(t, 3, rf, &[("min.insync.replicas", min_isr)])
+            .await
+            .expect("topic");
+    }
+    let producer = input_producer(kafka);
+    for chunk in events(records, 211).chunks(5_000) {
+        produce_events_with(&producer, &s.input, chunk).await;
+    }
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_sigkilled_ten_times_mid_stream_loses_and_duplicates_nothing() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let records = 60_000;
+    let s = setup(kafka, "chaos-kill", records, 1).await;
+    let mut rng = Rng::from_env_or_clock();
+    let started = Instant::now();
+
+    let (mut kills, mut commit_kills, mut recoveries) = (0, 0, Vec::new());
+    for round in 0..12 {
+        let mut copier = Copier::spawn_slow(kafka, &s.app, "0", &s.input, &s.output, 1);
+        let assigned = copier
+            .wait_for("partitions assigned", Duration::from_secs(60))
+            .await;
+        assert!(
+            assigned,
+            "round {round}: the copier never got its partitions"
+        );
+        recoveries.push(copier.started.elapsed());
+        // Let 1 to 5 commits start, so every round makes progress, then kill: on every third
+        // round at once — between "committing" and its completion (send_offsets + EndTxn take
+        // milliseconds, the kill microseconds) — otherwise a random moment later, when a
+        // transaction is usually open.
+        let commits = 1 + rng.below(5);
+        let mut seen = 0;
+        while seen < commits
+            && copier
+                .wait_for("committing transaction", Duration::from_secs(30))
+                .await
+        {
+            seen += 1;
+        }
+        if round % 3 == 1 {
+            commit_kills += u32::from(seen == commits);
+        } else {
+            tokio::time::sleep(Duration::from_millis(50 + rng.below(350))).await;
+        }
+        copier.sigkill().await;
+        kills += 1;
+        println!(
+            "kill {kills}: committed input offsets {} of {records}",
+            committed_total(kafka, &s.app, &s.input).await
+        );
+    }
+    let progress_before_final = committed_total(kafka, &s.app, &s.input).await;
+    assert!(
+        progress_before_final < records as i64,
+        "every kill must land mid-stream: all {records} were done before the last kill"
+    );
+
+    let mut copier = Copier::spawn(kafka, &s.app, "0", &s.input, &s.output);
+    copier.wait_caught_up(kafka, &s.app, &s.input).await;
+    let (_, clean) = copier.sigterm(Duration::from_secs(30)).await;
+    assert!(clean, "the final copier exits cleanly on SIGTERM");
+
+    let report = verify(kafka, &s.input, &s.output).await;
+    assert_exactly_once(&report);
+    assert_eq!(report.input_records, records);
+    assert!(
+        kills >= 10 && commit_kills >= 2,
+        "kills {kills}, during commit {commit_kills}"
+    );
+    let worst = recoveries.iter().max().copied().unwrap_or_default();
+    println!(
+        "{records} records, {kills} SIGKILLs ({commit_kills} during a commit), {} processed before \
+         the final run: {} outputs, {} duplicates, {} losses, {} order violations, transactions \
+         finished: {}; restart to assignment at most {worst:?}; total {:?}",
+        progress_before_final,
+        report.outputs[0].records,
+        report.duplicates(),
+        report.losses,
+        report.order_violations(),
+        report.transactions_finished,
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_one_killed_repeatedly_stay_exactly_once() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let records = 50_000;
+    let s = setup(kafka, "chaos-pair", records, 1).await;
+    let mut rng = Rng::from_env_or_clock();
+    let started = Instant::now();
+
+    let mut steady = Copier::spawn_slow(kafka, &s.app, "steady", &s.input, &s.output, 1);
+    let mut kills = 0;
+    for _ in 0..6 {
+        let mut victim = Copier::spawn_slow(kafka, &s.app, "victim", &s.input, &s.output, 1);
+        let _ = victim
+            .wait_for("partitions assigned", Duration::from_secs(30))
+            .await;
+        tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
+        victim.sigkill().await;
+        kills += 1;
+    }
+    steady.wait_caught_up(kafka, &s.app, &s.input).await;
+    let (_, clean) = steady.sigterm(Duration::from_secs(30)).await;
+    assert!(clean, "the steady copier exits cleanly on SIGTERM");
+
+    let report = verify(kafka, &s.input, &s.output).await;
+    assert_exactly_once(&report);
+    println!(
+        "{records} records, two instances, {kills} SIGKILLs of one of them (each a rebalance): \
+         {} outputs, {} duplicates, {} losses, {} order violations; total {:?}",
+        report.outputs[0].records,
+        report.duplicates(),
+        report.losses,
+        report.order_violations(),
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_commits_the_last_transaction_and_a_restart_duplicates_nothing() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let records = 30_000;
+    let s = setup(kafka, "chaos-term", records, 1).await;
+
+    let mut copier = Copier::spawn(kafka, &s.app, "0", &s.input, &s.output);
+    assert!(
+        copier
+            .wait_for("committing transaction", Duration::from_secs(60))
+            .await
+    );
+    let (took, clean) = copier.sigterm(Duration::from_secs(30)).await;
+    assert!(clean, "SIGTERM is a graceful stop: exit status 0");
+
+    // What the stopped instance left is consistent: outputs and offsets committed together.
+    let at_stop = committed_total(kafka, &s.app, &s.input).await;
+    let partial = verify(kafka, &s.input, &s.output).await;
+    assert_eq!(partial.duplicates(), 0);
+    assert_eq!(
+        partial.outputs[0].records as i64, at_stop,
+        "outputs == committed offsets"
+    );
+    assert!(
+        partial.transactions_finished,
+        "the last transaction was committed, not left open"
+    );
+
+    let mut copier = Copier::spawn(kafka, &s.app, "0", &s.input, &s.output);
+    copier.wait_caught_up(kafka, &s.app, &s.input).await;
+    let _ = copier.sigterm(Duration::from_secs(30)).await;
+    let report = verify(kafka, &s.input, &s.output).await;
+    assert_exactly_once(&report);
+    println!(
+        "SIGTERM after {at_stop} of {records}: exited in {took:?} with status 0, outputs = \
+         committed offsets = {at_stop}, no open transaction; after restart: {} outputs, {} \
+         duplicates, {} losses",
+        report.outputs[0].records,
+        report.duplicates(),
+        report.losses
+    );
+}
+
+/// The node leading `topic`'s `partition`, from metadata.
+fn leader_of(bootstrap: &str, topic: &str, partition: i32) -> Option<i32> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .ok()?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .ok()?;
+    md.topics()
+        .iter()
+        .find(|t| t.name() == topic)?
+        .partitions()
+        .iter()
+        .find(|p| p.id() == partition)
+        .map(|p| p.leader())
+        .filter(|l| *l >= 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn brokers_sigkilled_under_the_pipeline_including_leader_and_coordinator() {
+    init_tracing();
+    let kafka = Kafka::start_with(KafkaOptions::cluster(3))
+        .await
+        .expect("three-node cluster");
+    println!("cluster: {}", kafka.describe());
+    let records = 40_000;
+    let s = setup(&kafka, "chaos-broker", records, 3).await;
+    let started = Instant::now();
+
+    let mut copier = Copier::spawn(&kafka, &s.app, "0", &s.input, &s.output);
+    let mut bounces = Vec::new();
+    for round in 0..3 {
+        let progress = committed_total(&kafka, &s.app, &s.input).await;
+        // Let the pipeline run a little before each bounce.
+        let target = progress + 2_000;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while committed_total(&kafka, &s.app, &s.input).await < target.min(records as i64 - 1)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let b = kafka.bootstrap_servers().to_owned();
+        let (input, round_) = (s.input.clone(), round);
+        let victim = tokio::task::spawn_blocking(move || match round_ {
+            0 => leader_of(&b, &input, 0).map(|n| (n, "leader of input partition 0")),
+            1 => leader_of(&b, "__transaction_state", 0).map(|n| (n, "transaction coordinator")),
+            _ => leader_of(&b, "__consumer_offsets", 0).map(|n| (n, "group coordinator")),
+        })
+        .await
+        .expect("metadata task")
+        .expect("a leader to kill");
+        kafka.kill_node(victim.0).expect("kill");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let down = Instant::now();
+        kafka.restart_node(victim.0).await.expect("restart");
+        bounces.push(format!(
+            "node {} ({}) back in {:?}",
+            victim.0,
+            victim.1,
+            down.elapsed()
+        ));
+        println!("bounce {}: {}", round + 1, bounces.last().unwrap());
+    }
+    copier.wait_caught_up(&kafka, &s.app, &s.input).await;
+    let (_, clean) = copier.sigterm(Duration::from_secs(60)).await;
+    assert!(
+        clean,
+        "the copier survived every bounce by itself and exits cleanly"
+    );
+
+    let report = verify(&kafka, &s.input, &s.output).await;
+    assert_exactly_once(&report);
+    println!(
+        "{records} records on 3 brokers (RF 3, min ISR 2), {} broker SIGKILLs [{}]: {} outputs, \
+         {} duplicates, {} losses, {} order violations; the single copier process resumed by \
+         itself; total {:?}",
+        bounces.len(),
+        bounces.join("; "),
+        report.outputs[0].records,
+        report.duplicates(),
+        report.losses,
+        report.order_violations(),
+        started.elapsed()
+    );
+}
