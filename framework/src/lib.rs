@@ -61,6 +61,8 @@
 //! * [`dead_letter`]: the dead-letter record format and its headers.
 //! * [`shutdown`]: graceful and forced shutdown.
 //! * [`verify`]: checking an output topic against its input (the logic of `onceflow verify`).
+//! * [`offsets`]: end offsets, committed offsets and lag per partition, offsets for a time,
+//!   resetting a group (the logic of `onceflow offsets`, `lag`, `reset-offsets`).
 //! * the consumer side, producer side, transaction loop and rebalance handling are internal
 //!   modules (`consumer`, `producer`, `transaction`, `rebalance`); the [`guide`] explains
 //!   them.
@@ -80,6 +82,7 @@ pub mod config;
 mod consumer;
 pub mod dead_letter;
 pub mod error;
+pub mod offsets;
 pub mod partitioner;
 mod pipeline;
 pub mod processor;

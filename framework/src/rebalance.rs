@@ -121,6 +121,7 @@ impl<P: Processor, C: Codec<P::Input>> RebalanceContext<P, C> {
             // this instance again, after an eager rebalance) must start unpaused.
             crate::transaction::resume_drained(&mut st, consumer, |k| revoked.contains(k));
             st.pending_seeks.retain(|k, _| !revoked.contains(k));
+            st.committed.retain(|k, _| !revoked.contains(k));
             aborted
         };
         if !aborted.is_empty() {

@@ -218,6 +218,10 @@ pub(crate) struct LoopState {
     pub(crate) pending_seeks: BTreeMap<Key, i64>,
     /// Partitions paused because their buffer is full.
     pub(crate) paused: BTreeSet<Key>,
+    /// The offsets this instance last committed, per partition it owns.
+    pub(crate) committed: BTreeMap<Key, i64>,
+    /// When the loop last looked for positions that only moved past transaction markers.
+    last_marker_check: Instant,
     /// A failure the rebalance callback could not handle itself (it must not stop the
     /// instance from inside librdkafka); the loop handles it after the poll returns.
     pub(crate) deferred: Option<Step>,
@@ -318,6 +322,8 @@ where
             attempts: HashMap::new(),
             pending_seeks: BTreeMap::new(),
             paused: BTreeSet::new(),
+            committed: BTreeMap::new(),
+            last_marker_check: Instant::now(),
             deferred: None,
             summary: RunSummary::default(),
             next_seq: 0,
@@ -435,6 +441,18 @@ where
             if let Err(step) = step {
                 recover(shared, consumer, step)?;
             }
+        }
+        let step = {
+            let mut st = shared.state();
+            if st.last_marker_check.elapsed() >= shared.config.commit_interval {
+                st.last_marker_check = Instant::now();
+                commit_marker_positions(&mut st, consumer)
+            } else {
+                Ok(())
+            }
+        };
+        if let Err(step) = step {
+            recover(shared, consumer, step)?;
         }
     }
 }
@@ -624,27 +642,7 @@ where
             return Ok(());
         }
         if st.txn.is_none() {
-            st.producer.begin().map_err(Step::from)?;
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            st.txn_started = Some(Instant::now());
-            st.txn = Some(OpenTxn {
-                seq,
-                started: Instant::now(),
-                span: tracing::info_span!(
-                    "transaction",
-                    seq,
-                    records = tracing::field::Empty,
-                    partitions = tracing::field::Empty,
-                    outcome = tracing::field::Empty,
-                    duration_ms = tracing::field::Empty,
-                ),
-                next: BTreeMap::new(),
-                rewind: BTreeMap::new(),
-                records: 0,
-                outputs: 0,
-                dead_letters: 0,
-            });
+            begin_txn(&mut st)?;
         }
         let share = st.per_partition_share(config.commit_interval);
         let groups = st.buffer.take(n, share);
@@ -940,6 +938,88 @@ where
     outcomes
 }
 
+/// Begins a transaction.
+fn begin_txn(st: &mut LoopState) -> Result<(), Step> {
+    st.producer.begin().map_err(Step::from)?;
+    let seq = st.next_seq;
+    st.next_seq += 1;
+    st.txn_started = Some(Instant::now());
+    st.txn = Some(OpenTxn {
+        seq,
+        started: Instant::now(),
+        span: tracing::info_span!(
+            "transaction",
+            seq,
+            records = tracing::field::Empty,
+            partitions = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            duration_ms = tracing::field::Empty,
+        ),
+        next: BTreeMap::new(),
+        rewind: BTreeMap::new(),
+        records: 0,
+        outputs: 0,
+        dead_letters: 0,
+    });
+    Ok(())
+}
+
+/// Partitions whose consumer position is past the offset this instance would commit for them,
+/// with nothing unprocessed in between: everything below the position is processed or is an
+/// invisible control record (a transaction marker) or an aborted record. Committing the position
+/// instead of `last processed + 1` is what makes a caught-up group show lag 0 on a
+/// transactional input, where every transaction ends in a marker (as Kafka Streams does).
+fn positions_past_markers<Ctx: rdkafka::consumer::ConsumerContext>(
+    st: &LoopState,
+    consumer: &BaseConsumer<Ctx>,
+    owned: &BTreeSet<Key>,
+) -> Vec<(Key, i64)> {
+    let Ok(positions) = consumer.position() else {
+        return Vec::new();
+    };
+    positions
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            let key = (e.topic().to_owned(), e.partition());
+            let rdkafka::Offset::Offset(position) = e.offset() else {
+                return None;
+            };
+            let ours = st
+                .txn
+                .as_ref()
+                .and_then(|t| t.next.get(&key))
+                .or_else(|| st.committed.get(&key))
+                .copied()?;
+            let settled = owned.contains(&key)
+                && st.buffer.partition_len(&key) == 0
+                && !st.pending_seeks.contains_key(&key);
+            (settled && position > ours).then_some((key, position))
+        })
+        .collect()
+}
+
+/// When idle, commits positions that only moved past transaction markers, in an offsets-only
+/// transaction, so the group's committed offsets reach the end of the input.
+fn commit_marker_positions<Ctx: rdkafka::consumer::ConsumerContext>(
+    st: &mut LoopState,
+    consumer: &BaseConsumer<Ctx>,
+) -> Result<(), Step> {
+    if st.txn.is_some() || !st.buffer.is_empty() || st.committed.is_empty() {
+        return Ok(());
+    }
+    let owned = assigned_set(consumer);
+    let ahead = positions_past_markers(st, consumer, &owned);
+    if ahead.is_empty() {
+        return Ok(());
+    }
+    begin_txn(st)?;
+    if let Some(txn) = st.txn.as_mut() {
+        txn.next.extend(ahead);
+    }
+    commit_open(st, consumer)
+}
+
 /// Sends the open transaction's offsets (for partitions this instance still owns, with the
 /// consumer's current group metadata) and commits.
 pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
@@ -958,6 +1038,15 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
             ),
             backoff: None,
         });
+    }
+    let ahead = positions_past_markers(st, consumer, &owned);
+    let Some(txn) = st.txn.as_mut() else {
+        return Ok(());
+    };
+    for (key, position) in ahead {
+        if txn.next.contains_key(&key) {
+            txn.next.insert(key, position);
+        }
     }
     tracing::debug!(
         seq = txn.seq,
@@ -997,6 +1086,9 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
     s.outputs_committed += txn.outputs as u64;
     s.dead_letters_committed += txn.dead_letters as u64;
     st.producer_recoveries_in_row = 0;
+    for (k, o) in &txn.next {
+        st.committed.insert(k.clone(), *o);
+    }
     if !st.attempts.is_empty() {
         st.attempts.retain(|(t, p, o), _| {
             txn.next
