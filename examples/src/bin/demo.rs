@@ -1,236 +1,241 @@
-//! The main job: an exactly-once onceflow pipeline on a real Kafka, checked by reading back.
+//! The main job: the order-events pipeline on a real Kafka, crashed once, verified.
 //!
-//! Starts an embedded Apache Kafka (or uses `--bootstrap-servers`), produces keyed order
-//! events, runs a onceflow pipeline that enriches each event (outputs and input offsets are
-//! committed together in Kafka transactions), then reads the output back under
-//! `read_committed` and prints how many records arrived, were duplicated and were lost.
+//! 1. Starts an embedded Apache Kafka (or uses `--bootstrap-servers`) and creates the topics.
+//! 2. Produces `--events` order events keyed by user id (Java-compatible routing), with
+//!    `trace_id`, `schema_version`, `event_type` and `source` headers, idempotently.
+//! 3. Runs the [`OrderProcessor`] pipeline as a separate process, SIGKILLs it mid-stream, and
+//!    starts it again — the new instance fences the dead one's transaction.
+//! 4. Verifies with `onceflow::verify` (the logic of `onceflow verify`) and checks the ledger
+//!    total against the input, then prints a summary.
 //!
 //! ```text
-//! cargo run -p onceflow-examples --bin demo -- --records 20000
+//! cargo run -p onceflow-examples --bin demo -- --events 50000
 //! ```
 
-use std::collections::HashMap;
+use std::io::Write as _;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use onceflow::testkit::{self, Isolation, Kafka, KafkaOptions};
-use onceflow::{Output, OutputRecord, Pipeline, PipelineConfig, ProcessError, Processor, Record};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde::{Deserialize, Serialize};
+use onceflow::verify::{VerifyOptions, verify_blocking};
+use onceflow_examples::{LedgerEntry, OrderProcessor, produce_order_events, run_order_pipeline};
 
 #[derive(Debug, Parser)]
-#[command(about = "Run an exactly-once onceflow pipeline on a real Kafka and verify it")]
+#[command(about = "The onceflow demo: an exactly-once order pipeline, crashed once and verified")]
 struct Args {
-    /// How many input events to produce.
-    #[arg(long, default_value_t = 20_000)]
-    records: u64,
+    /// How many order events to produce.
+    #[arg(long, default_value_t = 50_000)]
+    events: u64,
     /// Use this cluster instead of starting an embedded broker.
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     bootstrap_servers: Option<String>,
-    /// Input and output partitions.
+    /// Partitions of every topic.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct OrderEvent {
-    id: u64,
-    user: String,
-    cents: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Priced {
-    id: u64,
-    user: String,
-    cents: u64,
-    with_vat_cents: u64,
-}
-
-/// Adds VAT to each event; keyed by user so one user's results stay in order.
-struct AddVat {
-    output: String,
-}
-
-#[onceflow::async_trait]
-impl Processor for AddVat {
-    type Input = OrderEvent;
-
-    async fn process(&self, r: &Record<OrderEvent>, out: &mut Output) -> Result<(), ProcessError> {
-        let e = &r.value;
-        let priced = Priced {
-            id: e.id,
-            user: e.user.clone(),
-            cents: e.cents,
-            with_vat_cents: e.cents * 120 / 100,
-        };
-        out.send(
-            OutputRecord::to(&self.output)
-                .key(e.user.as_str())
-                .json(&priced)?
-                .headers_from(&r.headers),
-        );
-        Ok(())
-    }
+    /// Internal: run only the processor (used by the demo itself for its child process).
+    #[arg(long, hide = true, num_args = 6, value_names = ["BOOTSTRAP", "APP", "EVENTS", "ORDERS", "LEDGER", "DLQ"])]
+    run_processor: Option<Vec<String>>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,onceflow=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(p) = &args.run_processor {
+        return run_processor(p).await;
+    }
     let started = Instant::now();
 
     let options = if args.bootstrap_servers.is_some() {
         KafkaOptions::single()
     } else {
         println!(
-            "starting an embedded Apache Kafka {} ...",
+            "[1/5] starting an embedded Apache Kafka {} ...",
             testkit::KAFKA_VERSION
         );
         KafkaOptions::cluster(1)
     };
     let kafka = Kafka::start_with(options).await?;
-    println!("kafka: {}", kafka.describe());
-
+    println!("      kafka: {}", kafka.describe());
     let run = std::process::id();
-    let input = format!("demo-orders-{run}");
-    let output = format!("demo-priced-{run}");
-    let app = format!("demo-pricer-{run}");
-    kafka.create_topic(&input, args.partitions, 1).await?;
-    kafka.create_topic(&output, args.partitions, 1).await?;
+    let [events, orders, ledger, dlq] =
+        ["order-events", "orders", "ledger", "order-events.dlq"].map(|t| format!("{t}-{run}"));
+    let app = format!("order-processor-{run}");
+    for t in [&events, &orders, &ledger, &dlq] {
+        kafka.create_topic(t, args.partitions, 1).await?;
+    }
 
-    produce_input(&kafka, &input, args.records).await?;
-    println!("produced {} order events to {input}", args.records);
+    println!("[2/5] producing {} order events ...", args.events);
+    let expected_ledger =
+        produce_order_events(kafka.bootstrap_servers(), &events, args.events, true).await?;
 
-    let config = PipelineConfig::builder()
-        .bootstrap_servers(kafka.bootstrap_servers())
-        .application_id(&app)
-        .instance_id("0")
-        .input_topic(&input)
-        .build()?;
-    let pipeline = Pipeline::new(
-        config,
-        AddVat {
-            output: output.clone(),
-        },
+    println!(
+        "[3/5] running the order processor; it will be killed (SIGKILL) mid-stream and restarted"
     );
-    let shutdown = pipeline.shutdown_handle();
-    let run_started = Instant::now();
-    let running = tokio::spawn(pipeline.run());
-    wait_caught_up(&kafka, &app, &input).await?;
-    let process_secs = run_started.elapsed().as_secs_f64();
-    shutdown.shutdown();
-    let summary = running.await??;
+    let bootstrap = kafka.bootstrap_servers().to_owned();
+    let child_args = [&bootstrap, &app, &events, &orders, &ledger, &dlq];
+    let process_started = Instant::now();
+    let first = spawn_processor(&child_args)?;
+    // Kill it as soon as its first transactions are committed: mid-stream, with a
+    // transaction most likely open.
+    let at_kill = wait_progress(&kafka, &app, &events, 1).await?;
+    kill(first);
+    println!(
+        "      SIGKILLed the processor with {at_kill} of {} events committed; restarting it",
+        args.events
+    );
+    let second = spawn_processor(&child_args)?;
+    wait_progress(&kafka, &app, &events, i64::MAX).await?;
+    let summary = stop(second)?;
+    let process_secs = process_started.elapsed().as_secs_f64();
 
-    let out = testkit::read_all(
-        kafka.bootstrap_servers(),
-        &output,
+    println!("[4/5] verifying with read_committed readers ...");
+    let mut v = VerifyOptions::new(&bootstrap, &events, &[&orders, &ledger]);
+    v.dead_letter_topic = Some(dlq.clone());
+    let report =
+        tokio::task::spawn_blocking(move || verify_blocking(&v, &mut |_, _, _| {})).await??;
+    let entries = testkit::read_all(
+        &bootstrap,
+        &ledger,
         Isolation::ReadCommitted,
         Duration::from_secs(120),
     )
     .await?;
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    for r in &out {
-        let p: Priced = serde_json::from_slice(r.value.as_deref().unwrap_or_default())
-            .with_context(|| format!("unexpected output {:?}", r.value_str()))?;
-        *seen.entry(p.id).or_default() += 1;
-    }
-    let duplicates: u64 = seen.values().map(|c| u64::from(c.saturating_sub(1))).sum();
-    let losses = (0..args.records).filter(|n| !seen.contains_key(n)).count();
-
-    println!();
-    println!("onceflow demo: exactly-once pricing pipeline");
-    println!("  input events            {}", args.records);
-    println!("  output (read_committed) {}", out.len());
-    println!("  duplicates              {duplicates}");
-    println!("  losses                  {losses}");
-    println!(
-        "  transactions committed  {}",
-        summary.transactions_committed
-    );
-    println!("  transactions aborted    {}", summary.transactions_aborted);
-    println!(
-        "  throughput              {:.0} events/s (until every output was committed)",
-        args.records as f64 / process_secs.max(1e-9)
-    );
-    println!(
-        "  total time              {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    if duplicates != 0 || losses != 0 || out.len() as u64 != args.records {
-        bail!("exactly-once violated: {duplicates} duplicates, {losses} losses");
-    }
-    println!("  exactly-once            OK");
-    Ok(())
-}
-
-async fn produce_input(kafka: &Kafka, topic: &str, records: u64) -> anyhow::Result<()> {
-    let producer: FutureProducer = kafka
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .create()?;
-    let mut pending = Vec::new();
-    for id in 0..records {
-        let event = OrderEvent {
-            id,
-            user: format!("user-{}", id % 1_000),
-            cents: 100 + id % 9_900,
-        };
-        let value = serde_json::to_vec(&event)?;
-        let key = event.user.clone();
-        let p = producer.clone();
-        let topic = topic.to_owned();
-        pending.push(async move {
-            p.send(
-                FutureRecord::to(&topic).key(&key).payload(&value),
-                Duration::from_secs(60),
-            )
-            .await
-            .map_err(|(e, _)| e)
-        });
-        if pending.len() == 1_000 {
-            for r in futures::future::join_all(pending.drain(..)).await {
-                r?;
-            }
+    let mut ledger_total = 0i64;
+    for r in &entries {
+        let e: LedgerEntry = serde_json::from_slice(r.value.as_deref().unwrap_or_default())?;
+        if e.kind != "loyalty_points" {
+            ledger_total += e.amount;
         }
     }
-    for r in futures::future::join_all(pending).await {
-        r?;
+
+    println!("[5/5] summary");
+    println!("  events in                   {}", report.input_records);
+    for o in &report.outputs {
+        println!(
+            "  {:<27} {}",
+            format!("{} records", short(&o.topic)),
+            o.records
+        );
     }
+    println!("  dead letters (invalid)      {}", report.dead_letters);
+    println!(
+        "  ledger total (cents)        {ledger_total} (expected from the input: {expected_ledger})"
+    );
+    println!("  duplicates                  {}", report.duplicates());
+    println!("  losses                      {}", report.losses);
+    println!(
+        "  per-key order violations    {}",
+        report.order_violations()
+    );
+    println!("  transactions (after crash)  {summary}");
+    println!(
+        "  throughput                  {:.0} events/s (incl. crash and restart)",
+        args.events as f64 / process_secs.max(1e-9)
+    );
+    println!(
+        "  total time                  {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    if !report.is_ok() || ledger_total != expected_ledger {
+        bail!("exactly-once violated");
+    }
+    println!("  exactly-once                OK (1 crash, 0 duplicates, 0 losses)");
     Ok(())
 }
 
-/// Waits until the pipeline's group has committed the end offset of every input partition.
-async fn wait_caught_up(kafka: &Kafka, group: &str, topic: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(300);
+fn short(topic: &str) -> &str {
+    topic.rsplit_once('-').map_or(topic, |(t, _)| t)
+}
+
+fn spawn_processor(args: &[&String; 6]) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the demo binary")?;
+    Command::new(exe)
+        .arg("--run-processor")
+        .args(args.iter().map(|s| s.as_str()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the processor process")
+}
+
+fn kill(mut child: Child) {
+    let _ = child.kill(); // SIGKILL
+    let _ = child.wait();
+}
+
+/// SIGTERM (graceful: commit and leave), then the summary line the processor printed.
+#[allow(unsafe_code)]
+fn stop(child: Child) -> anyhow::Result<String> {
+    let pid = libc::pid_t::try_from(child.id())?;
+    // SAFETY: kill(2) on our own, not yet reaped child; no memory is shared.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        bail!("could not signal the processor");
+    }
+    let output = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Waits (printing progress) until the group has committed `target` input offsets, or all of
+/// them with `i64::MAX`; returns how many it had committed.
+async fn wait_progress(
+    kafka: &Kafka,
+    group: &str,
+    topic: &str,
+    target: i64,
+) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let (b, g, t) = (
             kafka.bootstrap_servers().to_owned(),
             group.to_owned(),
             topic.to_owned(),
         );
-        let caught_up = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
-            let ends = testkit::end_offsets_blocking(&b, &t, Isolation::ReadUncommitted)?;
-            let committed = testkit::committed_offsets_blocking(&b, &g, &t)?;
-            Ok(ends
-                .iter()
-                .all(|(p, end)| committed.get(p).copied().flatten() == Some(*end)))
-        })
-        .await??;
-        if caught_up {
-            return Ok(());
+        let (done, total, end) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(bool, i64, i64)> {
+                let ends = testkit::end_offsets_blocking(&b, &t, Isolation::ReadUncommitted)?;
+                let committed = testkit::last_committed_offsets_blocking(&b, &g, &t)?;
+                let total: i64 = committed.values().map(|o| o.unwrap_or(0)).sum();
+                let end: i64 = ends.values().sum();
+                let all = ends
+                    .iter()
+                    .all(|(p, e)| committed.get(p).copied().flatten() == Some(*e));
+                Ok((all, total, end))
+            })
+            .await??;
+        print!("\r      committed {total} / {end}");
+        let _ = std::io::stdout().flush();
+        if done || total >= target {
+            println!();
+            return Ok(total);
         }
         if Instant::now() > deadline {
-            bail!("the pipeline did not catch up within 300 s");
+            bail!("the processor made no progress for 600 s");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The child process: the order pipeline until SIGTERM; prints its transaction figures.
+async fn run_processor(p: &[String]) -> anyhow::Result<()> {
+    let [bootstrap, app, events, orders, ledger, dlq] = p else {
+        bail!("--run-processor takes 6 values");
+    };
+    let processor = OrderProcessor {
+        orders_topic: orders.clone(),
+        ledger_topic: ledger.clone(),
+    };
+    let s = run_order_pipeline(bootstrap, app, "0", events, dlq, processor).await?;
+    println!(
+        "{} committed, {} aborted",
+        s.transactions_committed, s.transactions_aborted
+    );
+    Ok(())
 }
