@@ -1,5 +1,9 @@
 //! `onceflow offsets`, `lag` and `reset-offsets` as a user runs them, against a real broker.
 
+mod common;
+
+use common::{onceflow, unique};
+
 use std::io::{Read as _, Write as _};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -8,27 +12,6 @@ use onceflow::codec::Raw;
 use onceflow::testkit::{self, Isolation, Kafka};
 use onceflow::{Output, OutputRecord, Pipeline, PipelineConfig, ProcessError, Processor, Record};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-fn unique(name: &str) -> String {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{name}-{}-{t}", std::process::id())
-}
-
-fn onceflow(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_onceflow"))
-        .args(args)
-        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-        .output()
-        .expect("run onceflow");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))

@@ -1,20 +1,15 @@
 //! `onceflow verify` as a user runs it: the real binary against a real broker.
 
-use std::process::Command;
+mod common;
+
+use common::{onceflow, unique};
+
 use std::time::Duration;
 
 use onceflow::processor::SOURCE_HEADER;
 use onceflow::testkit::Kafka;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-
-fn unique(name: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{name}-{}-{t}", std::process::id())
-}
 
 /// Writes `n` inputs and, for each, one output stamped with its lineage header (as the runtime
 /// does), plus `extra` copies of the output of input offset 0.
@@ -55,19 +50,6 @@ async fn scenario(kafka: &Kafka, n: usize, extra: usize) -> (String, String) {
             .expect("output");
     }
     (input, output)
-}
-
-fn onceflow(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_onceflow"))
-        .args(args)
-        .env_remove("KAFKA_BOOTSTRAP_SERVERS")
-        .output()
-        .expect("run onceflow");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

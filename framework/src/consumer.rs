@@ -6,8 +6,10 @@
 //! transactions are never processed. Rebalance handling is in [`crate::rebalance`].
 
 use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 
 use crate::config::{PipelineConfig, StartFrom};
 use crate::error::Error;
@@ -78,3 +80,29 @@ pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
         RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
     }
 }
+
+/// The context of the short-lived reading clients (verify, the offset toolkit, the testkit's
+/// read-back): reaching the end of a partition is what they wait for, and connection chatter
+/// belongs in the debug log, not in a command's output.
+pub(crate) struct QuietContext;
+
+impl ClientContext for QuietContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if matches!(
+            level,
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical
+        ) {
+            log_librdkafka(level, fac, message);
+        } else {
+            tracing::debug!(target: "librdkafka", fac, "{message}");
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
+            tracing::debug!(%error, reason, "reader client error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietContext {}

@@ -11,12 +11,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::consumer::QuietContext;
 use crate::error::Error;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -49,7 +48,11 @@ impl Connection {
         }
     }
 
-    fn client(&self, group: Option<&str>, isolation: &str) -> Result<BaseConsumer<Quiet>, Error> {
+    fn client(
+        &self,
+        group: Option<&str>,
+        isolation: &str,
+    ) -> Result<BaseConsumer<QuietContext>, Error> {
         let mut cc = ClientConfig::new();
         for (k, v) in &self.properties {
             cc.set(k, v);
@@ -58,21 +61,10 @@ impl Connection {
             .set("group.id", group.unwrap_or("onceflow-offsets"))
             .set("enable.auto.commit", "false")
             .set("isolation.level", isolation);
-        cc.create_with_context(Quiet)
+        cc.create_with_context(QuietContext)
             .map_err(|e| Error::kafka("creating a client", e))
     }
 }
-
-/// Keeps librdkafka's connection chatter out of command output.
-struct Quiet;
-
-impl ClientContext for Quiet {
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::debug!(%error, reason, "offsets client error");
-    }
-}
-
-impl ConsumerContext for Quiet {}
 
 /// One partition's offsets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -94,7 +86,7 @@ pub struct PartitionOffsets {
 }
 
 fn partitions(
-    client: &BaseConsumer<Quiet>,
+    client: &BaseConsumer<QuietContext>,
     conn: &Connection,
     topic: &str,
 ) -> Result<Vec<i32>, Error> {
@@ -155,7 +147,7 @@ pub fn topic_offsets(
 
 /// The group's last committed offsets (not waiting for offsets pending in an open transaction).
 fn committed_offsets(
-    client: &BaseConsumer<Quiet>,
+    client: &BaseConsumer<QuietContext>,
     topic: &str,
     parts: &[i32],
 ) -> Result<BTreeMap<i32, Option<i64>>, Error> {

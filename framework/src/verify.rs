@@ -21,13 +21,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::consumer::QuietContext;
 use crate::error::Error;
 use crate::processor::{SOURCE_HEADER, parse_source};
 
@@ -293,19 +293,6 @@ fn header<'a>(m: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
 fn source_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<(&'a str, i32, i64)> {
     parse_source(header(m, SOURCE_HEADER)?)
 }
-
-/// A reading consumer's context: end-of-partition events are expected, not errors.
-struct QuietContext;
-
-impl ClientContext for QuietContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF) {
-            tracing::debug!(%error, reason, "verify reader error");
-        }
-    }
-}
-
-impl ConsumerContext for QuietContext {}
 
 fn reader(options: &VerifyOptions, isolation: &str) -> Result<BaseConsumer<QuietContext>, Error> {
     let mut cc = ClientConfig::new();

@@ -7,13 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::error::{Result, TestkitError};
+use crate::consumer::QuietContext;
 
 /// The isolation level of a read-back consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,23 +82,7 @@ impl ReadRecord {
     }
 }
 
-/// A read-back consumer's context: reaching the end of a partition is what it is waiting for,
-/// not an error worth an ERROR line in the test log.
-struct ReadbackContext;
-
-impl ClientContext for ReadbackContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        let eof = matches!(error, KafkaError::PartitionEOF(_))
-            || error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF);
-        if !eof {
-            tracing::error!(%error, reason, "read-back consumer error");
-        }
-    }
-}
-
-impl ConsumerContext for ReadbackContext {}
-
-fn reader(bootstrap: &str, isolation: Isolation) -> Result<BaseConsumer<ReadbackContext>> {
+fn reader(bootstrap: &str, isolation: Isolation) -> Result<BaseConsumer<QuietContext>> {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         // No group: read-back must not disturb any group's offsets.
@@ -107,7 +91,7 @@ fn reader(bootstrap: &str, isolation: Isolation) -> Result<BaseConsumer<Readback
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", isolation.as_config())
-        .create_with_context(ReadbackContext)
+        .create_with_context(QuietContext)
         .map_err(|source| TestkitError::Admin {
             context: "creating a read-back consumer".into(),
             source,
