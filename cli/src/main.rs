@@ -253,6 +253,15 @@ fn lag_rows(args: &LagArgs) -> Result<Vec<onceflow::offsets::PartitionOffsets>, 
         Some(t) => vec![t.clone()],
         None => onceflow::offsets::group_topics(&conn, &args.group)?,
     };
+    if topics.is_empty() {
+        return Err(onceflow::Error::Config {
+            field: "group".into(),
+            problem: format!(
+                "{} has no committed offsets on any topic (unknown group, or it never committed)",
+                args.group
+            ),
+        });
+    }
     let mut rows = Vec::new();
     for t in topics {
         rows.extend(onceflow::offsets::topic_offsets(
