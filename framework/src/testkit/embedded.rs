@@ -211,8 +211,8 @@ impl EmbeddedCluster {
         let mut cmd = self.base_command(node);
         cmd.arg("kafka.tools.StorageTool")
             .arg("format")
-            .arg("-t")
-            .arg(cluster_id)
+            // One argument, so an id can never be mistaken for an option.
+            .arg(format!("--cluster-id={cluster_id}"))
             .arg("-c")
             .arg(node.properties_path())
             .arg("--ignore-formatted");
@@ -505,6 +505,12 @@ fn random_cluster_id() -> String {
             .unwrap_or_default();
         bytes = (nanos ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
     }
+    // The first character comes from the top 6 bits of the first byte; 62 and 63 encode as '-'
+    // and '_'. An id starting with '-' is read as an option by the storage tool's argument
+    // parser (Kafka's own Uuid.randomUuid avoids it for the same reason): keep it a letter.
+    if bytes[0] >> 2 >= 62 {
+        bytes[0] &= 0x7f;
+    }
     base64_url_no_pad(&bytes)
 }
 
@@ -619,6 +625,14 @@ mod tests {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         );
         assert_ne!(random_cluster_id(), id);
+    }
+
+    #[test]
+    fn cluster_ids_never_start_with_a_dash_or_underscore() {
+        for _ in 0..20_000 {
+            let id = random_cluster_id();
+            assert!(!id.starts_with('-') && !id.starts_with('_'), "{id}");
+        }
     }
 
     #[test]
