@@ -85,15 +85,17 @@ pub struct PartitionOffsets {
     pub lag: Option<i64>,
 }
 
-fn partitions(
+/// Partitions of `topic` (sorted), with clear errors for an unreachable cluster and a missing
+/// topic. Shared with [`crate::verify`].
+pub(crate) fn partitions(
     client: &BaseConsumer<QuietContext>,
-    conn: &Connection,
+    bootstrap_servers: &str,
     topic: &str,
 ) -> Result<Vec<i32>, Error> {
     let md = client
         .fetch_metadata(Some(topic), TIMEOUT)
         .map_err(|source| Error::Unreachable {
-            bootstrap_servers: conn.bootstrap_servers.clone(),
+            bootstrap_servers: bootstrap_servers.to_owned(),
             source,
         })?;
     match md.topics().iter().find(|t| t.name() == topic) {
@@ -117,7 +119,7 @@ pub fn topic_offsets(
 ) -> Result<Vec<PartitionOffsets>, Error> {
     let uncommitted = conn.client(group, "read_uncommitted")?;
     let committed_reader = conn.client(group, "read_committed")?;
-    let parts = partitions(&uncommitted, conn, topic)?;
+    let parts = partitions(&uncommitted, &conn.bootstrap_servers, topic)?;
     let committed = match group {
         Some(_) => committed_offsets(&uncommitted, topic, &parts)?,
         None => BTreeMap::new(),
@@ -311,7 +313,7 @@ pub fn offsets_for_time(
     timestamp_ms: i64,
 ) -> Result<BTreeMap<i32, Option<i64>>, Error> {
     let client = conn.client(None, "read_committed")?;
-    let parts = partitions(&client, conn, topic)?;
+    let parts = partitions(&client, &conn.bootstrap_servers, topic)?;
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
         tpl.add_partition_offset(topic, *p, Offset::Offset(timestamp_ms))

@@ -309,29 +309,6 @@ fn reader(options: &VerifyOptions, isolation: &str) -> Result<BaseConsumer<Quiet
         .map_err(|e| Error::kafka("creating a reader", e))
 }
 
-/// Partitions of `topic`, with clear errors for an unreachable cluster and a missing topic.
-fn partitions(
-    consumer: &BaseConsumer<QuietContext>,
-    options: &VerifyOptions,
-    topic: &str,
-) -> Result<Vec<i32>, Error> {
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(15))
-        .map_err(|source| Error::Unreachable {
-            bootstrap_servers: options.bootstrap_servers.clone(),
-            source,
-        })?;
-    let t = md.topics().iter().find(|t| t.name() == topic);
-    match t {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-            Ok(t.partitions().iter().map(|p| p.id()).collect())
-        }
-        _ => Err(Error::MissingTopic {
-            topic: topic.to_owned(),
-        }),
-    }
-}
-
 /// Reads `topic` from the beginning to its read_committed end, calling `each` per record.
 fn read_topic(
     options: &VerifyOptions,
@@ -341,7 +318,7 @@ fn read_topic(
     mut each: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<(), Error> {
     let consumer = reader(options, "read_committed")?;
-    let parts = partitions(&consumer, options, topic)?;
+    let parts = crate::offsets::partitions(&consumer, &options.bootstrap_servers, topic)?;
     let mut expected = 0u64;
     let mut tpl = TopicPartitionList::new();
     let mut pending: BTreeSet<i32> = BTreeSet::new();
@@ -391,19 +368,13 @@ fn read_topic(
 
 /// Partitions of `topic` whose last stable offset is behind the high watermark.
 fn open_transactions(options: &VerifyOptions, topic: &str) -> Result<Vec<i32>, Error> {
-    let committed = reader(options, "read_committed")?;
-    let uncommitted = reader(options, "read_uncommitted")?;
-    let mut open = Vec::new();
-    for p in partitions(&committed, options, topic)? {
-        let (_, lso) = committed
-            .fetch_watermarks(topic, p, Duration::from_secs(15))
-            .map_err(|e| Error::kafka("fetching the last stable offset", e))?;
-        let (_, hw) = uncommitted
-            .fetch_watermarks(topic, p, Duration::from_secs(15))
-            .map_err(|e| Error::kafka("fetching the high watermark", e))?;
-        if lso < hw {
-            open.push(p);
-        }
-    }
-    Ok(open)
+    let conn = crate::offsets::Connection {
+        bootstrap_servers: options.bootstrap_servers.clone(),
+        properties: options.kafka_properties.clone(),
+    };
+    Ok(crate::offsets::topic_offsets(&conn, topic, None)?
+        .into_iter()
+        .filter(|p| p.last_stable < p.latest)
+        .map(|p| p.partition)
+        .collect())
 }
