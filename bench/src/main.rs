@@ -1,54 +1,79 @@
-//! Side-by-side throughput: the raw copy ceiling, at-least-once, and onceflow exactly-once at
-//! three commit intervals — same broker, same pre-loaded input, same transform, one run.
+//! Side by side, on one broker in one run, with the same pre-loaded input and the same
+//! transform: the raw copy ceiling, at-least-once, onceflow exactly-once at three commit
+//! intervals, and Kafka Streams in `exactly_once_v2` and `at_least_once`.
 //!
 //! ```text
-//! cargo run --release -p onceflow-bench -- --quick          # smoke run
-//! cargo run --release -p onceflow-bench -- --records 1000000
+//! cargo run --release -p onceflow-bench -- --quick      # smoke run (CI)
+//! cargo run --release -p onceflow-bench                 # full profile
 //! ```
 //!
-//! Each mode runs in its own child process (this binary with `--worker`), so its CPU seconds
-//! and peak RSS are its own. A mode is done when every output is visible to a `read_committed`
-//! reader: for the modes that commit, when the group has committed the end of the input (the
-//! outputs of a transaction become visible with its commit; at-least-once flushes before it
-//! commits); for the ceiling, which commits nothing, when the output holds every record.
-//!
-//! Not yet here (issue 6): the Kafka Streams peer, the fixed-rate latency phase.
+//! Phase 1, throughput: each mode, in its own child process, processes the pre-loaded input;
+//! the clock runs from the moment the worker holds its partitions until every output is
+//! visible to a `read_committed` reader. Modes run in a rotated order in each repeat, after a
+//! warm-up round whose figures are thrown away. Phase 2, latency: input produced at a fixed
+//! rate (half onceflow's measured maximum) into each running mode, latency from input
+//! timestamp to visibility under `read_committed`. See `docs/benchmarks.md`.
 
-use std::collections::BTreeMap;
+mod kstreams;
+mod latency;
+mod process;
+mod report;
+mod workers;
+
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Parser;
 use onceflow::testkit::{self, Isolation, Kafka, KafkaOptions};
-use onceflow::{Output, OutputRecord, Pipeline, PipelineConfig, ProcessError, Processor, Record};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
-use rdkafka::message::Message as _;
-use rdkafka::producer::{
-    BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, Producer as _,
-    ThreadedProducer,
-};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::FutureProducer;
+use rdkafka::producer::FutureRecord;
 
-const PARTITIONS: i32 = 6;
-const MODES: [&str; 5] = [
+use crate::kstreams::KStreamsApp;
+use crate::process::Worker;
+use crate::report::ThroughputRow;
+
+/// Input and output partitions.
+pub const PARTITIONS: i32 = 6;
+
+/// Every mode, in the order of the first repeat.
+pub const MODES: [&str; 7] = [
     "ceiling",
     "at-least-once",
     "onceflow-10ms",
     "onceflow-100ms",
     "onceflow-1s",
+    "kstreams-eos-v2",
+    "kstreams-alo",
 ];
 
+/// The row every other is compared with.
+pub const REFERENCE: &str = "onceflow-100ms";
+
 #[derive(Debug, Parser)]
-#[command(about = "onceflow throughput, side by side with the ceiling and at-least-once")]
+#[command(about = "onceflow side by side with the ceiling, at-least-once and Kafka Streams")]
 struct Args {
-    /// Records per run.
+    /// Records per throughput run (full profile).
     #[arg(long, default_value_t = 1_000_000)]
     records: u64,
     /// Value sizes in bytes, comma-separated.
     #[arg(long, default_value = "100,1024", value_delimiter = ',')]
     value_sizes: Vec<usize>,
-    /// Smoke profile: 20,000 records, 100-byte values.
+    /// Throughput runs per mode; each repeat rotates the order of the modes.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Records in the warm-up round (every mode once; figures discarded).
+    #[arg(long, default_value_t = 100_000)]
+    warmup_records: u64,
+    /// Seconds of fixed-rate input per mode in the latency phase.
+    #[arg(long, default_value_t = 30.0)]
+    latency_seconds: f64,
+    /// Only these modes (comma-separated); default all.
+    #[arg(long, value_delimiter = ',')]
+    modes: Vec<String>,
+    /// Smoke profile: 20,000 records of 100 B, one repeat, a 2,000-record warm-up, 5 s of
+    /// latency phase. Its figures mean nothing; it keeps the harness from rotting.
     #[arg(long)]
     quick: bool,
     /// Use this cluster instead of an embedded broker.
@@ -57,107 +82,342 @@ struct Args {
     /// Write the results as JSON here.
     #[arg(long, default_value = "target/bench-results.json")]
     json_out: String,
-    /// Internal: run one mode (MODE BOOTSTRAP INPUT OUTPUT GROUP).
+    /// Write the markdown tables here.
+    #[arg(long, default_value = "target/bench-results.md")]
+    markdown_out: String,
+    /// Internal: run one Rust mode (MODE BOOTSTRAP INPUT OUTPUT GROUP).
     #[arg(long, hide = true, num_args = 5)]
     worker: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Item {
-    id: u64,
-    user: String,
-    pad: String,
-    #[serde(default)]
-    enriched: bool,
-}
-
-/// The transform every mode applies: parse, enrich a field, re-serialise.
-fn transform(value: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut item: Item = serde_json::from_slice(value)?;
-    item.enriched = true;
-    Ok(serde_json::to_vec(&item)?)
-}
-
-#[derive(Debug, Serialize)]
-struct Row {
-    mode: String,
-    value_size: usize,
+/// What one run of the harness measures.
+struct Plan {
     records: u64,
-    seconds: f64,
-    records_per_second: f64,
-    cpu_seconds: f64,
-    peak_rss_mib: f64,
+    sizes: Vec<usize>,
+    repeats: usize,
+    warmup_records: u64,
+    latency_seconds: f64,
+    modes: Vec<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(w) = &args.worker {
-        return worker(w).await;
+        let [mode, bootstrap, input, output, group] = w.as_slice() else {
+            bail!("--worker takes 5 values");
+        };
+        // Logs only when asked for (RUST_LOG), e.g. `RUST_LOG=onceflow=debug` to see each
+        // transaction's timings; they go to stderr, which the harness passes through.
+        if std::env::var_os("RUST_LOG").is_some() {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .init();
+        }
+        return workers::run(mode, bootstrap, input, output, group).await;
     }
-    let (records, sizes) = if args.quick {
-        (20_000, vec![100])
+    let modes = if args.modes.is_empty() {
+        MODES.iter().map(|m| (*m).to_owned()).collect()
     } else {
-        (args.records, args.value_sizes.clone())
+        for m in &args.modes {
+            if !MODES.contains(&m.as_str()) {
+                bail!("unknown mode {m}; the modes are {}", MODES.join(", "));
+            }
+        }
+        args.modes.clone()
+    };
+    let plan = if args.quick {
+        Plan {
+            records: 20_000,
+            sizes: vec![100],
+            repeats: 1,
+            warmup_records: 2_000,
+            latency_seconds: 5.0,
+            modes,
+        }
+    } else {
+        Plan {
+            records: args.records,
+            sizes: args.value_sizes.clone(),
+            repeats: args.repeats.max(1),
+            warmup_records: args.warmup_records,
+            latency_seconds: args.latency_seconds,
+            modes,
+        }
     };
     let kafka = match &args.bootstrap_servers {
         Some(_) => Kafka::start_with(KafkaOptions::single()).await?,
         None => Kafka::start_with(KafkaOptions::cluster(1).heap("1g")).await?,
     };
     println!("kafka: {}", kafka.describe());
-    let run = std::process::id();
-    let mut rows = Vec::new();
-    for size in sizes {
-        let input = format!("bench-in-{size}-{run}");
+    let version = kafka.version().unwrap_or(testkit::KAFKA_VERSION).to_owned();
+    let kstreams = if plan.modes.iter().any(|m| m.starts_with("kstreams")) {
+        let v = version.clone();
+        Some(tokio::task::spawn_blocking(move || kstreams::build(&v)).await??)
+    } else {
+        None
+    };
+    let bench = Bench {
+        kafka: &kafka,
+        kstreams: kstreams.as_ref(),
+        run: std::process::id(),
+    };
+
+    if plan.warmup_records > 0 {
+        println!(
+            "\nwarm-up: every mode once over {} records (discarded)",
+            plan.warmup_records
+        );
+        let input = format!("bench-warmup-{}", bench.run);
         kafka.create_topic(&input, PARTITIONS, 1).await?;
-        preload(&kafka, &input, records, size).await?;
-        for mode in MODES {
-            let output = format!("bench-out-{mode}-{size}-{run}");
-            let group = format!("bench-{mode}-{size}-{run}");
-            kafka.create_topic(&output, PARTITIONS, 1).await?;
-            let row = measure(&kafka, mode, &input, &output, &group, records, size).await?;
-            println!(
-                "{:<16} {:>5} B  {:>10.0} records/s  {:>6.1} s  cpu {:>6.1} s  rss {:>6.1} MiB",
-                row.mode,
-                row.value_size,
-                row.records_per_second,
-                row.seconds,
-                row.cpu_seconds,
-                row.peak_rss_mib
-            );
-            rows.push(row);
+        preload(&kafka, &input, plan.warmup_records, 100).await?;
+        for mode in &plan.modes {
+            bench
+                .throughput(mode, &input, plan.warmup_records, 100, 0)
+                .await?;
         }
     }
-    println!();
-    println!("{}", markdown(&rows));
-    if let Some(dir) = std::path::Path::new(&args.json_out).parent() {
-        std::fs::create_dir_all(dir)?;
+
+    let mut rows = Vec::new();
+    let mut latencies = Vec::new();
+    for &size in &plan.sizes {
+        println!(
+            "\nthroughput: {} records of {size} B, {} repeat(s)",
+            plan.records, plan.repeats
+        );
+        let input = format!("bench-in-{size}-{}", bench.run);
+        kafka.create_topic(&input, PARTITIONS, 1).await?;
+        let loading = Instant::now();
+        preload(&kafka, &input, plan.records, size).await?;
+        println!("pre-loaded in {:.1} s", loading.elapsed().as_secs_f64());
+        for repeat in 0..plan.repeats {
+            let n = plan.modes.len();
+            for i in 0..n {
+                let mode = &plan.modes[(i + repeat) % n];
+                let row = bench
+                    .throughput(mode, &input, plan.records, size, repeat + 1)
+                    .await?;
+                rows.push(row);
+            }
+        }
+        let reference = report::median_throughput(&rows, REFERENCE, size).or_else(|| {
+            rows.iter()
+                .filter(|r| r.value_size == size)
+                .map(|r| r.records_per_second)
+                .reduce(f64::max)
+        });
+        let Some(max) = reference else { continue };
+        let rate = (max / 2.0).round();
+        println!(
+            "\nlatency: {rate} records/s of {size} B for {} s per mode",
+            plan.latency_seconds
+        );
+        for mode in &plan.modes {
+            latencies.push(
+                bench
+                    .latency(mode, size, rate, plan.latency_seconds)
+                    .await?,
+            );
+        }
     }
-    std::fs::write(&args.json_out, serde_json::to_string_pretty(&rows)?)?;
-    println!("results: {}", args.json_out);
+
+    let results = report::Results {
+        kafka: kafka.describe(),
+        kafka_version: version,
+        java: kstreams.as_ref().map(|k| k.java_version.clone()),
+        records: plan.records,
+        repeats: plan.repeats,
+        warmup_records: plan.warmup_records,
+        latency_seconds: plan.latency_seconds,
+        machine: report::machine(),
+        throughput: rows,
+        latency: latencies,
+    };
+    let md = report::markdown(&results);
+    println!("\n{md}");
+    for path in [&args.json_out, &args.markdown_out] {
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    std::fs::write(&args.json_out, serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(&args.markdown_out, md)?;
+    println!("results: {} and {}", args.json_out, args.markdown_out);
     Ok(())
 }
 
-fn markdown(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "| mode | value | records/s | onceflow-100ms / mode | CPU s | peak RSS MiB |\n|---|---|---|---|---|---|\n",
-    );
-    for r in rows {
-        let reference = rows
-            .iter()
-            .find(|x| x.mode == "onceflow-100ms" && x.value_size == r.value_size)
-            .map_or(0.0, |x| x.records_per_second);
-        out.push_str(&format!(
-            "| {} | {} B | {:.0} | {:.2} | {:.1} | {:.1} |\n",
-            r.mode,
-            r.value_size,
-            r.records_per_second,
-            reference / r.records_per_second.max(1e-9),
-            r.cpu_seconds,
-            r.peak_rss_mib
-        ));
+struct Bench<'a> {
+    kafka: &'a Kafka,
+    kstreams: Option<&'a KStreamsApp>,
+    run: u32,
+}
+
+impl Bench<'_> {
+    fn spawn(&self, mode: &str, input: &str, output: &str, group: &str) -> anyhow::Result<Worker> {
+        let bootstrap = self.kafka.bootstrap_servers();
+        let command = match mode {
+            "kstreams-eos-v2" | "kstreams-alo" => {
+                let Some(app) = self.kstreams else {
+                    bail!("the Kafka Streams application was not built");
+                };
+                let guarantee = if mode == "kstreams-eos-v2" {
+                    "exactly_once_v2"
+                } else {
+                    "at_least_once"
+                };
+                app.command(guarantee, bootstrap, input, output, group)
+            }
+            _ => {
+                let mut c = std::process::Command::new(std::env::current_exe()?);
+                c.args(["--worker", mode, bootstrap, input, output, group]);
+                c
+            }
+        };
+        Worker::spawn(mode, command)
     }
-    out
+
+    /// One throughput run of `mode` over the pre-loaded `input` (`repeat` 0 is the warm-up).
+    async fn throughput(
+        &self,
+        mode: &str,
+        input: &str,
+        records: u64,
+        size: usize,
+        repeat: usize,
+    ) -> anyhow::Result<ThroughputRow> {
+        let output = format!("bench-out-{mode}-{size}-{repeat}-{}", self.run);
+        let group = format!("bench-{mode}-{size}-{repeat}-{}", self.run);
+        self.kafka.create_topic(&output, PARTITIONS, 1).await?;
+        let spawned = Instant::now();
+        let mut worker = self.spawn(mode, input, &output, &group)?;
+        let ready = worker.wait_ready(Duration::from_secs(120)).await?;
+        let cpu_at_ready = worker.cpu_seconds_so_far()?;
+        let commits = mode != "ceiling";
+        let deadline = ready + Duration::from_secs(1800);
+        loop {
+            let (b, g, i, o) = (
+                self.kafka.bootstrap_servers().to_owned(),
+                group.clone(),
+                input.to_owned(),
+                output.clone(),
+            );
+            let done = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+                if commits {
+                    // Offsets are committed with (exactly-once) or after (at-least-once) the
+                    // outputs they cover, so the end of the input committed means every
+                    // output is visible.
+                    let ends = testkit::end_offsets_blocking(&b, &i, Isolation::ReadUncommitted)?;
+                    let committed = testkit::last_committed_offsets_blocking(&b, &g, &i)?;
+                    Ok(ends
+                        .iter()
+                        .all(|(p, e)| committed.get(p).copied().flatten() == Some(*e)))
+                } else {
+                    let ends = testkit::end_offsets_blocking(&b, &o, Isolation::ReadCommitted)?;
+                    Ok(ends.values().sum::<i64>() >= i64::try_from(records)?)
+                }
+            })
+            .await??;
+            if done {
+                break;
+            }
+            worker.check_alive()?;
+            if Instant::now() > deadline {
+                bail!("{mode} did not finish in 30 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let finished = Instant::now();
+        let cpu_total_at_end = worker.cpu_seconds_so_far()?;
+        let usage = worker.kill()?;
+        self.delete_topic(&output).await;
+        let seconds = finished.duration_since(ready).as_secs_f64();
+        let row = ThroughputRow {
+            mode: mode.to_owned(),
+            value_size: size,
+            repeat,
+            records,
+            startup_seconds: ready.duration_since(spawned).as_secs_f64(),
+            seconds,
+            records_per_second: records as f64 / seconds,
+            cpu_seconds: cpu_total_at_end - cpu_at_ready,
+            cpu_seconds_total: usage.cpu_seconds,
+            peak_rss_mib: usage.peak_rss_mib,
+        };
+        println!(
+            "{:<16} {:>5} B  #{repeat}  {:>9.0} records/s  {:>6.1} s (+{:.1} s start)  cpu {:>6.1} s  rss {:>7.1} MiB",
+            row.mode,
+            row.value_size,
+            row.records_per_second,
+            row.seconds,
+            row.startup_seconds,
+            row.cpu_seconds,
+            row.peak_rss_mib
+        );
+        Ok(row)
+    }
+
+    /// The latency phase for `mode`: a fresh input, the worker started and ready, then `rate`
+    /// records/s for `seconds`.
+    async fn latency(
+        &self,
+        mode: &str,
+        size: usize,
+        rate: f64,
+        seconds: f64,
+    ) -> anyhow::Result<latency::LatencyRow> {
+        let input = format!("bench-lat-in-{mode}-{size}-{}", self.run);
+        let output = format!("bench-lat-out-{mode}-{size}-{}", self.run);
+        let group = format!("bench-lat-{mode}-{size}-{}", self.run);
+        self.kafka.create_topic(&input, PARTITIONS, 1).await?;
+        self.kafka.create_topic(&output, PARTITIONS, 1).await?;
+        let mut worker = self.spawn(mode, &input, &output, &group)?;
+        worker.wait_ready(Duration::from_secs(120)).await?;
+        let row = latency::run(
+            self.kafka.bootstrap_servers(),
+            mode,
+            &input,
+            &output,
+            size,
+            rate,
+            seconds,
+        )
+        .await?;
+        worker.check_alive()?;
+        worker.kill()?;
+        self.delete_topic(&input).await;
+        self.delete_topic(&output).await;
+        println!(
+            "{:<16} {:>5} B  {:>8.0}/s  received {}/{}  p50 {:>6.0} ms  p99 {:>6.0} ms  p99.9 {:>6.0} ms  max {:>6.0} ms",
+            row.mode,
+            row.value_size,
+            row.rate,
+            row.received,
+            row.produced,
+            row.p50_ms,
+            row.p99_ms,
+            row.p999_ms,
+            row.max_ms
+        );
+        Ok(row)
+    }
+
+    /// Deletes a topic the run no longer needs (a full run writes gigabytes); a failure only
+    /// costs disk space, so it is reported, not fatal.
+    async fn delete_topic(&self, topic: &str) {
+        let admin: Result<AdminClient<DefaultClientContext>, _> =
+            self.kafka.client_config().create();
+        let result = match admin {
+            Ok(admin) => admin
+                .delete_topics(&[topic], &AdminOptions::new())
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            eprintln!("deleting {topic}: {e}");
+        }
+    }
 }
 
 async fn preload(kafka: &Kafka, topic: &str, records: u64, size: usize) -> anyhow::Result<()> {
@@ -170,16 +430,7 @@ async fn preload(kafka: &Kafka, topic: &str, records: u64, size: usize) -> anyho
         .create()?;
     let mut pending = Vec::new();
     for id in 0..records {
-        let user = format!("user-{}", id % 10_000);
-        let mut item = Item {
-            id,
-            user: user.clone(),
-            pad: String::new(),
-            enriched: false,
-        };
-        let base = serde_json::to_vec(&item)?.len();
-        item.pad = "x".repeat(size.saturating_sub(base));
-        let value = serde_json::to_vec(&item)?;
+        let (user, value) = workers::Item::value(id, size)?;
         let (p, t) = (producer.clone(), topic.to_owned());
         pending.push(async move {
             p.send(
@@ -199,233 +450,4 @@ async fn preload(kafka: &Kafka, topic: &str, records: u64, size: usize) -> anyho
         r?;
     }
     Ok(())
-}
-
-async fn measure(
-    kafka: &Kafka,
-    mode: &str,
-    input: &str,
-    output: &str,
-    group: &str,
-    records: u64,
-    size: usize,
-) -> anyhow::Result<Row> {
-    let exe = std::env::current_exe()?;
-    let started = Instant::now();
-    let child = std::process::Command::new(exe)
-        .args([
-            "--worker",
-            mode,
-            kafka.bootstrap_servers(),
-            input,
-            output,
-            group,
-        ])
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .context("starting a worker")?;
-    let deadline = started + Duration::from_secs(1800);
-    loop {
-        let (b, g, i, o) = (
-            kafka.bootstrap_servers().to_owned(),
-            group.to_owned(),
-            input.to_owned(),
-            output.to_owned(),
-        );
-        let commits = mode != "ceiling";
-        let done = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
-            if commits {
-                let ends = testkit::end_offsets_blocking(&b, &i, Isolation::ReadUncommitted)?;
-                let committed = testkit::last_committed_offsets_blocking(&b, &g, &i)?;
-                Ok(ends
-                    .iter()
-                    .all(|(p, e)| committed.get(p).copied().flatten() == Some(*e)))
-            } else {
-                let ends = testkit::end_offsets_blocking(&b, &o, Isolation::ReadCommitted)?;
-                Ok(ends.values().sum::<i64>() >= i64::try_from(records)?)
-            }
-        })
-        .await??;
-        if done {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("{mode} did not finish in 30 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let (cpu_seconds, peak_rss_mib) = kill_and_reap(child)?;
-    Ok(Row {
-        mode: mode.to_owned(),
-        value_size: size,
-        records,
-        seconds,
-        records_per_second: records as f64 / seconds,
-        cpu_seconds,
-        peak_rss_mib,
-    })
-}
-
-/// SIGKILLs the worker and returns its CPU seconds (user + system) and peak RSS (MiB).
-#[allow(unsafe_code)]
-fn kill_and_reap(mut child: std::process::Child) -> anyhow::Result<(f64, f64)> {
-    child.kill()?;
-    let pid = libc::pid_t::try_from(child.id())?;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: wait4 on our own child, which std has not reaped (we never called wait on it);
-    // both pointers are to live locals.
-    let rc = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) };
-    if rc != pid {
-        bail!("wait4 failed: {}", std::io::Error::last_os_error());
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    Ok((
-        secs(usage.ru_utime) + secs(usage.ru_stime),
-        usage.ru_maxrss as f64 / 1024.0,
-    ))
-}
-
-async fn worker(w: &[String]) -> anyhow::Result<()> {
-    let [mode, bootstrap, input, output, group] = w else {
-        bail!("--worker takes 5 values");
-    };
-    match mode.as_str() {
-        "ceiling" => {
-            tokio::task::spawn_blocking({
-                let (b, i, o, g) = (
-                    bootstrap.clone(),
-                    input.clone(),
-                    output.clone(),
-                    group.clone(),
-                );
-                move || copy_loop(&b, &i, &o, &g, None)
-            })
-            .await?
-        }
-        "at-least-once" => {
-            tokio::task::spawn_blocking({
-                let (b, i, o, g) = (
-                    bootstrap.clone(),
-                    input.clone(),
-                    output.clone(),
-                    group.clone(),
-                );
-                move || copy_loop(&b, &i, &o, &g, Some(Duration::from_millis(100)))
-            })
-            .await?
-        }
-        m => {
-            let interval = match m {
-                "onceflow-10ms" => Duration::from_millis(10),
-                "onceflow-100ms" => Duration::from_millis(100),
-                "onceflow-1s" => Duration::from_secs(1),
-                other => bail!("unknown mode {other}"),
-            };
-            let config = PipelineConfig::builder()
-                .bootstrap_servers(bootstrap)
-                .application_id(group)
-                .instance_id("0")
-                .input_topic(input)
-                .commit_interval(interval)
-                .stamp_source(false)
-                .build()?;
-            Pipeline::new(config, Enrich(output.clone()))
-                .with_codec(onceflow::codec::Raw)
-                .run()
-                .await?;
-            Ok(())
-        }
-    }
-}
-
-struct Enrich(String);
-
-#[async_trait::async_trait]
-impl Processor for Enrich {
-    type Input = Option<Vec<u8>>;
-    async fn process(
-        &self,
-        r: &Record<Option<Vec<u8>>>,
-        out: &mut Output,
-    ) -> Result<(), ProcessError> {
-        let value =
-            transform(r.value.as_deref().unwrap_or_default()).map_err(ProcessError::dead_letter)?;
-        let mut o = OutputRecord::to(&self.0).value(value);
-        if let Some(k) = &r.key {
-            o = o.key(k.as_slice());
-        }
-        out.send(o);
-        Ok(())
-    }
-}
-
-/// The baselines with plain rdkafka: consume, transform, produce (idempotent, acks=all); with
-/// `commit_every`, flush and commit the consumed offsets at that interval (at-least-once).
-#[allow(
-    clippy::disallowed_methods,
-    reason = "a dedicated blocking thread; sleeping on a full queue is its back-pressure"
-)]
-fn copy_loop(
-    bootstrap: &str,
-    input: &str,
-    output: &str,
-    group: &str,
-    commit_every: Option<Duration>,
-) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()?;
-    consumer.subscribe(&[input])?;
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("partitioner", "murmur2_random")
-        .create()?;
-    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut last_commit = Instant::now();
-    loop {
-        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-            let m = m?;
-            let value = transform(m.payload().unwrap_or_default())?;
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output).payload(&value);
-            if let Some(k) = m.key() {
-                record = record.key(k);
-            }
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, back))
-                        if e.rdkafka_error_code()
-                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                    {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
-            next.insert(m.partition(), m.offset() + 1);
-        }
-        if let Some(every) = commit_every
-            && last_commit.elapsed() >= every
-            && !next.is_empty()
-        {
-            producer.flush(Duration::from_secs(30))?;
-            let mut tpl = TopicPartitionList::new();
-            for (p, o) in &next {
-                tpl.add_partition_offset(input, *p, Offset::Offset(*o))?;
-            }
-            consumer.commit(&tpl, CommitMode::Sync)?;
-            next.clear();
-            last_commit = Instant::now();
-        }
-    }
 }

@@ -233,6 +233,7 @@ pub struct OutputRecord {
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) headers: Headers,
     pub(crate) partition: Option<i32>,
+    pub(crate) timestamp: Option<i64>,
 }
 
 impl OutputRecord {
@@ -245,6 +246,7 @@ impl OutputRecord {
             value: None,
             headers: Headers::new(),
             partition: None,
+            timestamp: None,
         }
     }
 
@@ -290,6 +292,22 @@ impl OutputRecord {
     pub fn partition(mut self, partition: i32) -> Self {
         self.partition = Some(partition);
         self
+    }
+
+    /// Sets the record's timestamp (milliseconds since the Unix epoch). Without it, an output
+    /// carries the timestamp of the input record it was produced for — event time survives the
+    /// pipeline, as in Kafka Streams, so `offsets_for_time` on an output topic finds the outputs
+    /// of the inputs from that time, and end-to-end latency can be read off any output.
+    #[must_use]
+    pub fn timestamp(mut self, millis: i64) -> Self {
+        self.timestamp = Some(millis);
+        self
+    }
+
+    /// The timestamp set with [`timestamp`](Self::timestamp), if any.
+    #[must_use]
+    pub fn timestamp_millis(&self) -> Option<i64> {
+        self.timestamp
     }
 
     /// The topic.

@@ -137,7 +137,8 @@ impl TxProducer {
 
     /// Enqueues one record. Waits (on this blocking thread) while librdkafka's queue is full.
     /// `source`, when given, is added as the [`SOURCE_HEADER`](crate::processor::SOURCE_HEADER)
-    /// lineage header.
+    /// lineage header. The record's timestamp is its own if set, else `input_timestamp` (the
+    /// input record's), else the time of this call.
     #[expect(
         clippy::disallowed_methods,
         reason = "runs on the pipeline's worker thread, never on the async executor"
@@ -146,6 +147,7 @@ impl TxProducer {
         &self,
         record: &OutputRecord,
         source: Option<&str>,
+        input_timestamp: Option<i64>,
     ) -> Result<(), SendRejected> {
         let mut headers = record
             .headers
@@ -171,6 +173,9 @@ impl TxProducer {
         }
         if let Some(p) = record.partition {
             base = base.partition(p);
+        }
+        if let Some(ts) = record.timestamp.or(input_timestamp) {
+            base = base.timestamp(ts);
         }
         loop {
             match self.inner.send(base) {
@@ -207,9 +212,39 @@ impl TxProducer {
     /// Commits. A retriable failure (including a timeout, whose outcome is unknown) is retried,
     /// never turned into an abort.
     pub(crate) fn commit(&self) -> Result<(), Error> {
+        self.wait_acknowledged(self.call_timeout);
         self.retrying("commit_transaction", |p| {
             p.inner.commit_transaction(p.call_timeout)
         })
+    }
+
+    /// Waits (up to `timeout`) until every record produced so far is acknowledged, so that the
+    /// flush inside `commit_transaction` finds nothing left to wait for.
+    ///
+    /// Why not leave it to that flush: rust-rdkafka's `flush` calls `rd_kafka_flush` without
+    /// waiting and then polls the producer's queue for up to 100 ms — but the delivery reports
+    /// on that queue are served by the `ThreadedProducer`'s own thread, so the poll sleeps its
+    /// full 100 ms. That added 100 ms to most commits (measured: `commit_call` ≈ 101–105 ms in
+    /// the `transaction committed` debug log, against 2–6 ms without it). Here each round asks
+    /// librdkafka to send lingering batches now and checks the count every millisecond.
+    ///
+    /// Only an optimisation: on a timeout it returns, and `commit_transaction` flushes with its
+    /// own timeout and reports the outcome.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "runs on the pipeline's worker thread, never on the async executor"
+    )]
+    fn wait_acknowledged(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // A zero-timeout flush returns at once; it only wakes the broker threads to send
+            // what is lingering.
+            let _ = self.inner.flush(Duration::ZERO);
+            if self.inner.in_flight_count() == 0 || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     pub(crate) fn abort(&self) -> Result<(), Error> {

@@ -732,7 +732,11 @@ where
                         )
                     });
                     for output in &outputs {
-                        if let Err(rejected) = producer.send(output, source.as_deref()) {
+                        if let Err(rejected) = producer.send(
+                            output,
+                            source.as_deref(),
+                            message.timestamp().to_millis(),
+                        ) {
                             // Some of this record's outputs may already be in the transaction;
                             // only an abort takes them out again.
                             let reason = format!("an output record was rejected: {}", rejected.0);
@@ -768,7 +772,7 @@ where
                         tried,
                         &config.instance_id,
                     );
-                    if let Err(rejected) = producer.send(&letter, None) {
+                    if let Err(rejected) = producer.send(&letter, None, None) {
                         return Err(Step::Stop(Error::kafka(
                             "dead-lettering a record",
                             rejected.0,
@@ -1054,13 +1058,18 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
         partitions = txn.next.len(),
         "committing transaction"
     );
+    // Both calls block for broker round trips; their durations are logged because, with
+    // nothing processed meanwhile, they bound both throughput and latency.
+    let committing = Instant::now();
     if !txn.next.is_empty() {
         let group: ConsumerGroupMetadata = consumer.group_metadata().ok_or_else(|| {
             Step::Stop(Error::Worker("the consumer has no group metadata".into()))
         })?;
         st.producer.send_offsets(&txn.next, &group)?;
     }
+    let offsets_sent = committing.elapsed();
     st.producer.commit()?;
+    let commit_call = committing.elapsed().saturating_sub(offsets_sent);
 
     let Some(txn) = st.txn.take() else {
         return Ok(());
@@ -1078,6 +1087,8 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
         dead_letters = txn.dead_letters,
         partitions = txn.next.len(),
         ?elapsed,
+        ?offsets_sent,
+        ?commit_call,
         "transaction committed"
     );
     let s = &mut st.summary;

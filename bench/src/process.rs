@@ -1,0 +1,139 @@
+//! A measured worker process: started, watched until it says `ready`, its CPU time read at
+//! that point, and finally killed and reaped with its resource usage.
+
+use std::io::BufRead as _;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// A running worker.
+pub struct Worker {
+    child: Child,
+    ready: mpsc::Receiver<Instant>,
+    mode: String,
+    reaped: bool,
+}
+
+impl Drop for Worker {
+    /// A worker the harness gave up on (an error on the way) must not outlive it.
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a worker cost from its start to its end.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    /// User + system CPU seconds over the whole life of the process.
+    pub cpu_seconds: f64,
+    /// Peak resident set size, MiB.
+    pub peak_rss_mib: f64,
+}
+
+impl Worker {
+    /// Starts `command` with its stdout watched for the `ready` line (and otherwise passed on).
+    pub fn spawn(mode: &str, mut command: Command) -> anyhow::Result<Self> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting the {mode} worker"))?;
+        let stdout = child.stdout.take().context("the worker's stdout")?;
+        let (tx, ready) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.trim() == "ready" {
+                    // The harness may have given up already; then nobody listens.
+                    let _ = tx.send(Instant::now());
+                } else {
+                    println!("  | {line}");
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            ready,
+            mode: mode.to_owned(),
+            reaped: false,
+        })
+    }
+
+    /// Waits until the worker holds its partitions; fails if it exits first or takes longer
+    /// than `timeout`.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(at) = self.ready.try_recv() {
+                return Ok(at);
+            }
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!("the {} worker was not ready within {timeout:?}", self.mode);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Fails if the worker has exited (a worker runs until it is killed).
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("the {} worker exited early: {status}", self.mode);
+        }
+        Ok(())
+    }
+
+    /// CPU seconds (user + system) the worker has used so far, from `/proc`.
+    pub fn cpu_seconds_so_far(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The command name (field 2) may contain spaces; the fields after it are plain.
+        let rest = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r)
+            .context("parsing /proc stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
+        let ticks: f64 = fields
+            .get(11..13)
+            .context("short /proc stat")?
+            .iter()
+            .map(|f| f.parse::<f64>())
+            .sum::<Result<f64, _>>()?;
+        Ok(ticks / clock_ticks_per_second())
+    }
+
+    /// SIGKILLs the worker and returns what it used over its whole life.
+    #[allow(unsafe_code)]
+    pub fn kill(mut self) -> anyhow::Result<Usage> {
+        self.child.kill()?;
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child, which std has not reaped (try_wait reaps only an
+        // exited child, and then check_alive failed and nobody calls kill); both pointers are
+        // to live locals.
+        let rc = unsafe { libc::wait4(pid, &raw mut status, 0, &raw mut usage) };
+        if rc != pid {
+            bail!("wait4 failed: {}", std::io::Error::last_os_error());
+        }
+        self.reaped = true;
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Ok(Usage {
+            cpu_seconds: secs(usage.ru_utime) + secs(usage.ru_stime),
+            peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        })
+    }
+}
+
+#[allow(unsafe_code)]
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}

@@ -1,0 +1,203 @@
+//! Results: the JSON document and the markdown tables with ratios.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::REFERENCE;
+use crate::latency::LatencyRow;
+
+/// One throughput run of one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThroughputRow {
+    pub mode: String,
+    pub value_size: usize,
+    /// 1-based; 0 is the warm-up round.
+    pub repeat: usize,
+    pub records: u64,
+    /// From process start until the worker held its partitions (not in `seconds`).
+    pub startup_seconds: f64,
+    /// From partitions held until every output was visible to read_committed.
+    pub seconds: f64,
+    pub records_per_second: f64,
+    /// CPU seconds (user + system) of the worker process within `seconds`.
+    pub cpu_seconds: f64,
+    /// CPU seconds over the process's whole life, start-up included.
+    pub cpu_seconds_total: f64,
+    /// Peak resident set size of the worker process.
+    pub peak_rss_mib: f64,
+}
+
+/// Everything one run of the harness measured.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub kafka: String,
+    pub kafka_version: String,
+    /// The JVM of the Kafka Streams modes, if they ran.
+    pub java: Option<String>,
+    pub records: u64,
+    pub repeats: usize,
+    pub warmup_records: u64,
+    pub latency_seconds: f64,
+    pub machine: String,
+    pub throughput: Vec<ThroughputRow>,
+    pub latency: Vec<LatencyRow>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    })
+}
+
+fn runs<'a>(
+    rows: &'a [ThroughputRow],
+    mode: &'a str,
+    size: usize,
+) -> impl Iterator<Item = &'a ThroughputRow> {
+    rows.iter()
+        .filter(move |r| r.mode == mode && r.value_size == size && r.repeat > 0)
+}
+
+/// The median throughput of `mode` at `size` over the measured repeats.
+pub fn median_throughput(rows: &[ThroughputRow], mode: &str, size: usize) -> Option<f64> {
+    median(
+        runs(rows, mode, size)
+            .map(|r| r.records_per_second)
+            .collect(),
+    )
+}
+
+/// One line about the machine: CPU model, cores, memory, kernel.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:").map(|r| {
+                r.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{model}, {cores} cores, {mem_gib:.0} GiB, Linux {}",
+        kernel.trim()
+    )
+}
+
+/// The markdown tables: per value size, throughput (medians, ratios) and latency.
+pub fn markdown(res: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Kafka {} ({}); {}; {}; {} records per throughput run, median of {} run(s) after a warm-up round.\n",
+        res.kafka_version,
+        res.kafka,
+        res.java.as_deref().unwrap_or("no JVM client"),
+        res.machine,
+        res.records,
+        res.repeats
+    );
+    let mut sizes: Vec<usize> = res
+        .throughput
+        .iter()
+        .filter(|r| r.repeat > 0)
+        .map(|r| r.value_size)
+        .collect();
+    sizes.dedup();
+    for size in sizes {
+        let mut modes: Vec<&str> = Vec::new();
+        for r in res
+            .throughput
+            .iter()
+            .filter(|r| r.value_size == size && r.repeat > 0)
+        {
+            if !modes.contains(&r.mode.as_str()) {
+                modes.push(&r.mode);
+            }
+        }
+        modes.sort_by_key(|m| crate::MODES.iter().position(|x| x == m));
+        let reference = median_throughput(&res.throughput, REFERENCE, size);
+        let reference_rss = median(
+            runs(&res.throughput, REFERENCE, size)
+                .map(|r| r.peak_rss_mib)
+                .collect(),
+        );
+        let _ = writeln!(out, "#### {size} B values: throughput\n");
+        let _ = writeln!(
+            out,
+            "| mode | records/s | min – max | {REFERENCE} ÷ mode | CPU s | CPU µs / record | peak RSS MiB | mode RSS ÷ {REFERENCE} RSS | start-up s |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for mode in &modes {
+            let rs: Vec<&ThroughputRow> = runs(&res.throughput, mode, size).collect();
+            let rps = median(rs.iter().map(|r| r.records_per_second).collect()).unwrap_or(f64::NAN);
+            let lo = rs
+                .iter()
+                .map(|r| r.records_per_second)
+                .fold(f64::INFINITY, f64::min);
+            let hi = rs.iter().map(|r| r.records_per_second).fold(0.0, f64::max);
+            let cpu = median(rs.iter().map(|r| r.cpu_seconds).collect()).unwrap_or(f64::NAN);
+            let rss = median(rs.iter().map(|r| r.peak_rss_mib).collect()).unwrap_or(f64::NAN);
+            let start = median(rs.iter().map(|r| r.startup_seconds).collect()).unwrap_or(f64::NAN);
+            let records = rs.first().map_or(1, |r| r.records) as f64;
+            let ratio = reference.map_or("–".to_owned(), |x| format!("{:.2}", x / rps));
+            let rss_ratio = reference_rss.map_or("–".to_owned(), |x| format!("{:.1}", rss / x));
+            let _ = writeln!(
+                out,
+                "| {mode} | {rps:.0} | {lo:.0} – {hi:.0} | {ratio} | {cpu:.1} | {:.1} | {rss:.0} | {rss_ratio} | {start:.1} |",
+                cpu * 1e6 / records
+            );
+        }
+        let lat: Vec<&LatencyRow> = res
+            .latency
+            .iter()
+            .filter(|l| l.value_size == size)
+            .collect();
+        if let Some(first) = lat.first() {
+            let _ = writeln!(
+                out,
+                "\n#### {size} B values: end-to-end latency at {:.0} records/s (half {REFERENCE}'s throughput), {} s per mode\n",
+                first.rate, res.latency_seconds
+            );
+            let _ = writeln!(
+                out,
+                "| mode | p50 ms | p99 ms | p99.9 ms | max ms | outputs seen / produced |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+            let mut lat = lat.clone();
+            lat.sort_by_key(|l| crate::MODES.iter().position(|x| *x == l.mode));
+            for l in lat {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {} / {} |",
+                    l.mode, l.p50_ms, l.p99_ms, l.p999_ms, l.max_ms, l.received, l.produced
+                );
+            }
+        }
+        out.push('\n');
+    }
+    out
+}

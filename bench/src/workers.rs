@@ -1,0 +1,250 @@
+//! The processing side of each mode: what runs inside the measured child process.
+//!
+//! The Rust modes run as this binary with `--worker`; the Kafka Streams modes run as a JVM
+//! (see [`crate::kstreams`]). Every worker prints `ready` on stdout once it holds its
+//! partitions, so the harness can start the clock at the same point for all of them, and
+//! every worker keeps the input record's timestamp on its output, so the latency phase can
+//! read end-to-end latency off the output.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use onceflow::{
+    Output, OutputRecord, Pipeline, PipelineConfig, ProcessError, Processor, Record, TopicPartition,
+};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+/// The commit interval of the at-least-once baseline and of the Kafka Streams modes: the same
+/// as onceflow's default, which is the row the others are compared with.
+pub const BASELINE_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// One benchmark record's value (JSON). `pad` brings it to the requested size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Item {
+    pub id: u64,
+    pub user: String,
+    pub pad: String,
+    #[serde(default)]
+    pub enriched: bool,
+}
+
+impl Item {
+    /// The JSON value of record `id` (key `user-<id mod 10,000>`), padded to `size` bytes.
+    pub fn value(id: u64, size: usize) -> anyhow::Result<(String, Vec<u8>)> {
+        let user = format!("user-{}", id % 10_000);
+        let mut item = Self {
+            id,
+            user: user.clone(),
+            pad: String::new(),
+            enriched: false,
+        };
+        let base = serde_json::to_vec(&item)?.len();
+        item.pad = "x".repeat(size.saturating_sub(base));
+        Ok((user, serde_json::to_vec(&item)?))
+    }
+}
+
+/// The transform every mode applies: parse, enrich a field, re-serialise.
+pub fn transform(value: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut item: Item = serde_json::from_slice(value)?;
+    item.enriched = true;
+    Ok(serde_json::to_vec(&item)?)
+}
+
+/// Prints `ready` once per process: the harness's signal that partitions are assigned.
+fn announce_ready() {
+    static READY: AtomicBool = AtomicBool::new(false);
+    if !READY.swap(true, Ordering::SeqCst) {
+        let mut out = std::io::stdout().lock();
+        // The harness treats a worker that never says ready as failed; nothing to do here.
+        let _ = writeln!(out, "ready").and_then(|()| out.flush());
+    }
+}
+
+/// Runs one Rust mode until the harness kills the process.
+pub async fn run(
+    mode: &str,
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    group: &str,
+) -> anyhow::Result<()> {
+    let interval = match mode {
+        "ceiling" | "at-least-once" => {
+            let commit = (mode == "at-least-once").then_some(BASELINE_COMMIT_INTERVAL);
+            let (b, i, o, g) = (
+                bootstrap.to_owned(),
+                input.to_owned(),
+                output.to_owned(),
+                group.to_owned(),
+            );
+            return tokio::task::spawn_blocking(move || copy_loop(&b, &i, &o, &g, commit)).await?;
+        }
+        "onceflow-10ms" => Duration::from_millis(10),
+        "onceflow-100ms" => Duration::from_millis(100),
+        "onceflow-1s" => Duration::from_secs(1),
+        other => bail!("unknown worker mode {other}"),
+    };
+    let config = PipelineConfig::builder()
+        .bootstrap_servers(bootstrap)
+        .application_id(group)
+        .instance_id("0")
+        .input_topic(input)
+        .commit_interval(interval)
+        .stamp_source(false)
+        .build()?;
+    Pipeline::new(config, Enrich(output.to_owned()))
+        .with_codec(onceflow::codec::Raw)
+        .run()
+        .await?;
+    Ok(())
+}
+
+/// The onceflow mode's processor: the transform, keyed output (the input's timestamp is kept
+/// by the runtime).
+struct Enrich(String);
+
+#[async_trait::async_trait]
+impl Processor for Enrich {
+    type Input = Option<Vec<u8>>;
+
+    async fn process(
+        &self,
+        r: &Record<Option<Vec<u8>>>,
+        out: &mut Output,
+    ) -> Result<(), ProcessError> {
+        let value =
+            transform(r.value.as_deref().unwrap_or_default()).map_err(ProcessError::dead_letter)?;
+        let mut o = OutputRecord::to(&self.0).value(value);
+        if let Some(k) = &r.key {
+            o = o.key(k.as_slice());
+        }
+        out.send(o);
+        Ok(())
+    }
+
+    async fn on_partitions_assigned(&self, partitions: &[TopicPartition]) {
+        if !partitions.is_empty() {
+            announce_ready();
+        }
+    }
+}
+
+/// Announces readiness after the first non-empty assignment.
+struct ReadyContext;
+
+impl ClientContext for ReadyContext {}
+
+impl ConsumerContext for ReadyContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance
+            && tpl.count() > 0
+        {
+            announce_ready();
+        }
+    }
+}
+
+/// The baselines with plain rdkafka: consume, transform, produce (idempotent, acks=all); with
+/// `commit_every`, flush and commit the consumed offsets at that interval (at-least-once).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a dedicated blocking thread; sleeping on a full queue is its back-pressure"
+)]
+fn copy_loop(
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    group: &str,
+    commit_every: Option<Duration>,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer<ReadyContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create_with_context(ReadyContext)?;
+    consumer.subscribe(&[input])?;
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("partitioner", "murmur2_random")
+        .create()?;
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut last_commit = Instant::now();
+    loop {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m?;
+            let value = transform(m.payload().unwrap_or_default())?;
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output).payload(&value);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(ts) = m.timestamp().to_millis() {
+                record = record.timestamp(ts);
+            }
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((e, back))
+                        if e.rdkafka_error_code()
+                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+                    {
+                        record = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+            next.insert(m.partition(), m.offset() + 1);
+        }
+        if let Some(every) = commit_every
+            && last_commit.elapsed() >= every
+            && !next.is_empty()
+        {
+            flush(&producer, Duration::from_secs(30))?;
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in &next {
+                tpl.add_partition_offset(input, *p, Offset::Offset(*o))?;
+            }
+            consumer.commit(&tpl, CommitMode::Sync)?;
+            next.clear();
+            last_commit = Instant::now();
+        }
+    }
+}
+
+/// Waits until every produced record is acknowledged. Not `producer.flush`: with a
+/// `ThreadedProducer`, rust-rdkafka's flush polls for up to 100 ms at a time while the
+/// producer's own thread takes the delivery reports, so each flush would cost ~100 ms and
+/// handicap this baseline (onceflow waits the same way before it commits).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a dedicated blocking thread; the check every millisecond is the wait"
+)]
+fn flush(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Returns at once; wakes the broker threads to send lingering batches now.
+        let _ = producer.flush(Duration::ZERO);
+        if producer.in_flight_count() == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("records still unacknowledged after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
