@@ -82,14 +82,7 @@ pub async fn run(
         .map(|(_, latency)| *latency)
         .collect();
     counted.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        if counted.is_empty() {
-            return f64::NAN;
-        }
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let i = ((counted.len() as f64 * q).ceil() as usize).clamp(1, counted.len()) - 1;
-        counted[i] as f64
-    };
+    let pct = |q: f64| percentile(&counted, q);
     Ok(LatencyRow {
         mode: mode.to_owned(),
         value_size,
@@ -102,6 +95,17 @@ pub async fn run(
         p999_ms: pct(0.999),
         max_ms: counted.last().map_or(f64::NAN, |m| *m as f64),
     })
+}
+
+/// The nearest-rank `q` quantile of `sorted` (NaN when empty): the smallest value with at
+/// least `q` of the samples at or below it.
+fn percentile(sorted: &[i64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let rank = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1] as f64
 }
 
 /// Sends `total` records at `rate` per second, each stamped with the time it is sent.
@@ -190,4 +194,19 @@ fn read_latencies(
         samples.push((ts, arrived - ts));
     }
     Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<i64> = (1..=1000).collect();
+        assert_eq!(percentile(&v, 0.5), 500.0);
+        assert_eq!(percentile(&v, 0.99), 990.0);
+        assert_eq!(percentile(&v, 0.999), 999.0);
+        assert_eq!(percentile(&[7], 0.999), 7.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
 }

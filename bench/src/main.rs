@@ -66,7 +66,7 @@ struct Args {
     /// Records in the warm-up round (every mode once; figures discarded).
     #[arg(long, default_value_t = 100_000)]
     warmup_records: u64,
-    /// Seconds of fixed-rate input per mode in the latency phase.
+    /// Seconds of fixed-rate input per mode in the latency phase (0: no latency phase).
     #[arg(long, default_value_t = 30.0)]
     latency_seconds: f64,
     /// Only these modes (comma-separated); default all.
@@ -207,7 +207,9 @@ async fn main() -> anyhow::Result<()> {
                 .map(|r| r.records_per_second)
                 .reduce(f64::max)
         });
-        let Some(max) = reference else { continue };
+        let Some(max) = reference.filter(|_| plan.latency_seconds > 0.0) else {
+            continue;
+        };
         let rate = (max / 2.0).round();
         println!(
             "\nlatency: {rate} records/s of {size} B for {} s per mode",

@@ -201,3 +201,60 @@ pub fn markdown(res: &Results) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(mode: &str, repeat: usize, rps: f64, rss: f64) -> ThroughputRow {
+        ThroughputRow {
+            mode: mode.to_owned(),
+            value_size: 100,
+            repeat,
+            records: 1_000,
+            startup_seconds: 0.5,
+            seconds: 1_000.0 / rps,
+            records_per_second: rps,
+            cpu_seconds: 0.25,
+            cpu_seconds_total: 0.5,
+            peak_rss_mib: rss,
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts_and_none_when_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn the_warm_up_round_is_not_counted_and_ratios_divide_the_reference_by_the_mode() {
+        let rows = vec![
+            row(REFERENCE, 0, 1.0, 10.0),
+            row(REFERENCE, 1, 200.0, 10.0),
+            row(REFERENCE, 2, 100.0, 10.0),
+            row(REFERENCE, 3, 300.0, 10.0),
+            row("kstreams-eos-v2", 1, 50.0, 400.0),
+        ];
+        assert_eq!(median_throughput(&rows, REFERENCE, 100), Some(200.0));
+        let md = markdown(&Results {
+            kafka: "k".into(),
+            kafka_version: "v".into(),
+            java: None,
+            records: 1_000,
+            repeats: 3,
+            warmup_records: 10,
+            latency_seconds: 0.0,
+            machine: "m".into(),
+            throughput: rows,
+            latency: Vec::new(),
+        });
+        // 200 / 50 = 4.00 times the throughput; 400 / 10 = 40.0 times the memory.
+        assert!(
+            md.contains("| kstreams-eos-v2 | 50 | 50 – 50 | 4.00 |"),
+            "{md}"
+        );
+        assert!(md.contains("| 400 | 40.0 |"), "{md}");
+    }
+}

@@ -170,6 +170,9 @@ fn copy_loop(
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        // As onceflow sets it: librdkafka's 1 s default stalls a consumer that drains its
+        // queue quickly (see framework/src/consumer.rs).
+        .set("fetch.queue.backoff.ms", "10")
         .create_with_context(ReadyContext)?;
     consumer.subscribe(&[input])?;
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()

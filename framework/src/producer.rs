@@ -149,22 +149,27 @@ impl TxProducer {
         source: Option<&str>,
         input_timestamp: Option<i64>,
     ) -> Result<(), SendRejected> {
-        let mut headers = record
-            .headers
-            .iter()
-            .fold(OwnedHeaders::new(), |h, header| {
-                h.insert(RdHeader {
-                    key: &header.key,
-                    value: header.value.as_deref(),
-                })
-            });
-        if let Some(source) = source {
-            headers = headers.insert(RdHeader {
-                key: crate::processor::SOURCE_HEADER,
-                value: Some(source),
-            });
+        let mut base: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&record.topic);
+        // Only a record with headers gets a librdkafka header list (allocated and freed per
+        // record otherwise).
+        if !record.headers.is_empty() || source.is_some() {
+            let mut headers = record
+                .headers
+                .iter()
+                .fold(OwnedHeaders::new(), |h, header| {
+                    h.insert(RdHeader {
+                        key: &header.key,
+                        value: header.value.as_deref(),
+                    })
+                });
+            if let Some(source) = source {
+                headers = headers.insert(RdHeader {
+                    key: crate::processor::SOURCE_HEADER,
+                    value: Some(source),
+                });
+            }
+            base = base.headers(headers);
         }
-        let mut base: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&record.topic).headers(headers);
         if let Some(k) = &record.key {
             base = base.key(k.as_slice());
         }

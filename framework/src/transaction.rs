@@ -37,6 +37,8 @@ use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
 use tokio::runtime::Handle;
 
 use crate::codec::Codec;
+use futures::FutureExt as _;
+
 use crate::config::{DecodeFailure, PipelineConfig};
 use crate::dead_letter::{self, DeadLetterKind};
 use crate::error::{Error, ErrorClass};
@@ -61,6 +63,9 @@ const PAUSE_AT: usize = 4_000;
 const RESUME_BELOW: usize = 1_000;
 /// At most this many records are buffered in all (bounds memory whatever the partition count).
 const MAX_BUFFERED: usize = 20_000;
+/// A batch is processed in parallel (a task per partition) when the previous one took at least
+/// this long; below it, handing work to other threads costs more than it saves.
+const PARALLEL_ABOVE: Duration = Duration::from_millis(5);
 /// How many times in a row (without a successful commit between) the producer may be
 /// re-created after it became unusable, before the instance gives up and stops.
 const MAX_PRODUCER_RECOVERIES: u32 = 3;
@@ -92,13 +97,23 @@ impl Buffer {
     }
 
     /// Adds a record; returns how many its partition now has buffered.
-    fn push(&mut self, m: OwnedMessage) -> (Key, usize) {
-        let key = (m.topic().to_owned(), m.partition());
-        let q = self.partitions.entry(key.clone()).or_default();
-        q.push_back(m);
+    /// Appends a record; returns how many records its partition now has.
+    fn push(&mut self, m: OwnedMessage) -> usize {
         self.len += 1;
-        let n = q.len();
-        (key, n)
+        // Found by a scan (an instance owns few partitions) rather than by building a
+        // `(String, i32)` key: this runs for every record polled.
+        if let Some(q) = self
+            .partitions
+            .iter_mut()
+            .find(|(k, _)| k.1 == m.partition() && k.0 == m.topic())
+            .map(|(_, q)| q)
+        {
+            q.push_back(m);
+            return q.len();
+        }
+        let key = (m.topic().to_owned(), m.partition());
+        self.partitions.entry(key).or_default().push_back(m);
+        1
     }
 
     /// Drops the records of the partitions `drop` says yes to.
@@ -234,6 +249,8 @@ pub(crate) struct LoopState {
     /// Moving average of the time one record of one partition takes to process, used to size
     /// batches so that one batch takes about half a commit interval.
     per_record: Option<Duration>,
+    /// How long the last batch's processing took (chooses inline or parallel processing).
+    last_batch: Duration,
 }
 
 impl LoopState {
@@ -254,6 +271,7 @@ impl LoopState {
     }
 
     fn observe_batch(&mut self, elapsed: Duration, longest_partition_run: usize) {
+        self.last_batch = elapsed;
         let Ok(n) = u32::try_from(longest_partition_run.max(1)) else {
             return;
         };
@@ -330,6 +348,7 @@ where
             producer_recoveries_in_row: 0,
             txn_started: None,
             per_record: None,
+            last_batch: Duration::ZERO,
         }),
     });
     let consumer: PipelineConsumer<P, C> =
@@ -487,11 +506,15 @@ where
     for _ in 0..room {
         match consumer.poll(wait) {
             Some(Ok(message)) => {
-                let owned = message.detach();
+                // One record at a time, under the lock: a revocation served inside the next
+                // `poll` must find every earlier record in the buffer to drop it.
                 let mut st = shared.state();
-                let (key, buffered) = st.buffer.push(owned);
-                if buffered >= PAUSE_AT && st.paused.insert(key.clone()) {
-                    set_paused(consumer, &key, true);
+                let buffered = st.buffer.push(message.detach());
+                if buffered >= PAUSE_AT {
+                    let key = (message.topic().to_owned(), message.partition());
+                    if st.paused.insert(key.clone()) {
+                        set_paused(consumer, &key, true);
+                    }
                 }
             }
             Some(Err(e)) => {
@@ -604,11 +627,14 @@ fn assigned_set<Ctx: rdkafka::consumer::ConsumerContext>(
 
 /// One partition's records and, in the same order, what processing decided for each (shorter
 /// than the records when processing stopped at a retry or a fatal error).
-type Processed = (Vec<OwnedMessage>, Vec<Outcome>);
+/// One partition's records, what processing decided for each (shorter than the records when
+/// processing stopped at a retry or a fatal error), and all their outputs in order.
+type Processed = (Vec<OwnedMessage>, Vec<Outcome>, Vec<OutputRecord>);
 
 /// What processing decided for one record.
 enum Outcome {
-    Emit(Vec<OutputRecord>),
+    /// Produce the next this-many records of the run's outputs.
+    Emit(usize),
     DeadLetter {
         kind: DeadLetterKind,
         reason: String,
@@ -670,35 +696,63 @@ where
     let prior = Arc::new(prior);
     let decode_failure = config.decode_failure;
     let max_attempts = config.max_attempts;
-    let results: Result<Vec<Processed>, tokio::task::JoinError> = shared.runtime.block_on(async {
-        let handles: Vec<_> = groups
-            .into_values()
-            .map(|records| {
-                let processor = Arc::clone(&shared.processor);
-                let codec = Arc::clone(&shared.codec);
-                let prior = Arc::clone(&prior);
-                tokio::spawn(async move {
+    // Where the partitions' runs are processed: as tasks on the runtime's worker threads, in
+    // parallel, when the last batch took long enough for that to pay; otherwise concurrently
+    // on this thread (a processor that awaits still overlaps its partitions' waits). Handing a
+    // batch to other threads and waking this one again costs more than a cheap processor's
+    // whole batch: measured with the benchmark's JSON transform, inline processing raised
+    // throughput by ~10% and cut CPU per record.
+    let parallel = groups.len() > 1 && shared.state().last_batch >= PARALLEL_ABOVE;
+    let results: Result<Vec<Processed>, String> = shared.runtime.block_on(async {
+        if parallel {
+            let handles: Vec<_> = groups
+                .into_values()
+                .map(|records| {
+                    let processor = Arc::clone(&shared.processor);
+                    let codec = Arc::clone(&shared.codec);
+                    let prior = Arc::clone(&prior);
+                    tokio::spawn(async move {
+                        let outcomes = process_partition(
+                            &*processor,
+                            &*codec,
+                            &records,
+                            &prior,
+                            max_attempts,
+                            decode_failure,
+                        )
+                        .await;
+                        (records, outcomes.0, outcomes.1)
+                    })
+                })
+                .collect();
+            let mut results = Vec::with_capacity(handles.len());
+            for h in handles {
+                results.push(h.await.map_err(|e| e.to_string())?);
+            }
+            Ok(results)
+        } else {
+            let runs = groups.into_values().map(|records| {
+                let (prior, processor, codec) = (&prior, &*shared.processor, &*shared.codec);
+                std::panic::AssertUnwindSafe(async move {
                     let outcomes = process_partition(
-                        &*processor,
-                        &*codec,
+                        processor,
+                        codec,
                         &records,
-                        &prior,
+                        prior,
                         max_attempts,
                         decode_failure,
                     )
                     .await;
-                    (records, outcomes)
+                    (records, outcomes.0, outcomes.1)
                 })
-            })
-            .collect();
-        let mut results = Vec::with_capacity(handles.len());
-        for h in handles {
-            match h.await {
-                Ok(r) => results.push(r),
-                Err(e) => return Err(e),
-            }
+                .catch_unwind()
+            });
+            futures::future::join_all(runs)
+                .await
+                .into_iter()
+                .map(|r| r.map_err(|p| panic_message(&*p)))
+                .collect()
         }
-        Ok(results)
     });
     // A panicking processor is a bug in it; stopping (after an abort) is the only safe answer.
     let results =
@@ -718,11 +772,15 @@ where
             "the transaction disappeared while its records were processed".into(),
         )));
     };
-    for (records, outcomes) in results {
+    for (records, outcomes, emitted) in results {
+        let mut emitted = emitted.into_iter();
+        // The partition's next offset is recorded once per run of records, not per record
+        // (building the key allocates); every early return below ends in an abort, which
+        // discards it anyway.
+        let mut next_offset = None;
         for (message, outcome) in records.iter().zip(outcomes) {
-            let key = (message.topic().to_owned(), message.partition());
             match outcome {
-                Outcome::Emit(outputs) => {
+                Outcome::Emit(count) => {
                     let source = config.stamp_source.then(|| {
                         format!(
                             "{}/{}/{}",
@@ -731,9 +789,9 @@ where
                             message.offset()
                         )
                     });
-                    for output in &outputs {
+                    for output in emitted.by_ref().take(count) {
                         if let Err(rejected) = producer.send(
-                            output,
+                            &output,
                             source.as_deref(),
                             message.timestamp().to_millis(),
                         ) {
@@ -747,9 +805,9 @@ where
                             });
                         }
                     }
-                    txn.next.insert(key, message.offset() + 1);
+                    next_offset = Some(message.offset() + 1);
                     txn.records += 1;
-                    txn.outputs += outputs.len();
+                    txn.outputs += count;
                 }
                 Outcome::DeadLetter {
                     kind,
@@ -787,7 +845,7 @@ where
                         dead_letter_topic = dlq,
                         "record dead-lettered"
                     );
-                    txn.next.insert(key, message.offset() + 1);
+                    next_offset = Some(message.offset() + 1);
                     txn.records += 1;
                     txn.dead_letters += 1;
                 }
@@ -812,8 +870,21 @@ where
                 }
             }
         }
+        if let (Some(next), Some(first)) = (next_offset, records.first()) {
+            txn.next
+                .insert((first.topic().to_owned(), first.partition()), next);
+        }
     }
     Ok(())
+}
+
+/// The text of a panic's payload, if it is one.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned())
 }
 
 fn position(m: &OwnedMessage) -> String {
@@ -856,20 +927,30 @@ async fn process_partition<P, C>(
     prior: &HashMap<(String, i32, i64), (u32, String)>,
     max_attempts: u32,
     decode_failure: DecodeFailure,
-) -> Vec<Outcome>
+) -> (Vec<Outcome>, Vec<OutputRecord>)
 where
     P: Processor,
     C: Codec<P::Input>,
 {
     let mut outcomes = Vec::with_capacity(records.len());
+    // Every record's outputs are moved into one vector, and the `Output` handed to the
+    // processor is reused: no allocation per record for them.
+    let mut emitted = Vec::with_capacity(records.len());
+    let mut out = Output::default();
     let Some(first) = records.first() else {
-        return outcomes;
+        return (outcomes, emitted);
     };
     let topic: Arc<str> = Arc::from(first.topic());
     for m in records {
-        let tried = prior
-            .get(&(m.topic().to_owned(), m.partition(), m.offset()))
-            .map_or(0, |(count, _)| *count);
+        // Records seen before (retried) are rare; skip the lookup, and the key it allocates,
+        // when there are none.
+        let tried = if prior.is_empty() {
+            0
+        } else {
+            prior
+                .get(&(m.topic().to_owned(), m.partition(), m.offset()))
+                .map_or(0, |(count, _)| *count)
+        };
         if tried >= max_attempts {
             let last = prior
                 .get(&(m.topic().to_owned(), m.partition(), m.offset()))
@@ -919,9 +1000,12 @@ where
             offset: m.offset(),
             timestamp: m.timestamp().to_millis(),
         };
-        let mut out = Output::default();
+        out.records.clear();
         match processor.process(&record, &mut out).await {
-            Ok(()) => outcomes.push(Outcome::Emit(out.records)),
+            Ok(()) => {
+                outcomes.push(Outcome::Emit(out.records.len()));
+                emitted.append(&mut out.records);
+            }
             Err(e) => match e.disposition() {
                 Disposition::DeadLetter => outcomes.push(Outcome::DeadLetter {
                     kind: DeadLetterKind::Processor,
@@ -939,7 +1023,7 @@ where
             },
         }
     }
-    outcomes
+    (outcomes, emitted)
 }
 
 /// Begins a transaction.

@@ -119,6 +119,33 @@ async fn ten_thousand_keyed_records_come_out_exactly_once_in_order_on_java_parti
         committed.len(),
         summary.transactions_committed
     );
+
+    // Event time survives the pipeline: each output carries its input's timestamp.
+    let inputs = read(kafka, &t.input, Isolation::ReadCommitted).await;
+    let input_time: BTreeMap<(i32, i64), Option<i64>> = inputs
+        .iter()
+        .map(|r| ((r.partition, r.offset), r.timestamp))
+        .collect();
+    let mut differing = 0;
+    for o in &committed {
+        let partition: i32 = o
+            .header_str("source_partition")
+            .and_then(|p| p.parse().ok())
+            .expect("source_partition header");
+        let offset: i64 = o
+            .header_str("source_offset")
+            .and_then(|p| p.parse().ok())
+            .expect("source_offset header");
+        let expected = input_time.get(&(partition, offset)).copied().flatten();
+        assert!(
+            expected.is_some(),
+            "input {partition}/{offset} has no timestamp"
+        );
+        if o.timestamp != expected {
+            differing += 1;
+        }
+    }
+    assert_eq!(differing, 0, "outputs whose timestamp is not their input's");
 }
 
 /// Fails the first attempt of every 7th record with `retry`.
