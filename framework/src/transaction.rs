@@ -96,7 +96,6 @@ impl Buffer {
         self.partitions.get(key).map_or(0, VecDeque::len)
     }
 
-    /// Adds a record; returns how many its partition now has buffered.
     /// Appends a record; returns how many records its partition now has.
     fn push(&mut self, m: OwnedMessage) -> usize {
         self.len += 1;
@@ -140,9 +139,8 @@ impl Buffer {
     fn take(&mut self, max: usize, per_partition: usize) -> BTreeMap<Key, Vec<OwnedMessage>> {
         let mut taken = BTreeMap::new();
         let mut left = max;
-        let share = per_partition
-            .min(max.div_ceil(self.partitions.len().max(1)))
-            .max(1);
+        let busy = self.partitions.values().filter(|q| !q.is_empty()).count();
+        let share = per_partition.min(max.div_ceil(busy.max(1))).max(1);
         for (k, q) in &mut self.partitions {
             if left == 0 {
                 break;
@@ -155,7 +153,8 @@ impl Buffer {
                 taken.insert(k.clone(), records);
             }
         }
-        self.partitions.retain(|_, q| !q.is_empty());
+        // Drained queues stay (until their partition is revoked): they keep their capacity,
+        // where re-creating them made every batch grow them again from nothing.
         taken
     }
 }
