@@ -573,8 +573,9 @@ type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
 /// A broker that outlives its test process holds ports and memory forever, and a process-wide
 /// shared broker is never dropped. `PR_SET_PDEATHSIG` fires when the *thread* that forked the
 /// child exits, not the process, so every broker is forked from one dedicated thread that lives
-/// as long as the process does.
-fn spawn_tied_to_this_process(mut cmd: Command) -> std::io::Result<Child> {
+/// as long as the process does. Public for harnesses that run other child processes (the
+/// benchmark's workers) which must not outlive them either.
+pub fn spawn_tied_to_this_process(mut cmd: Command) -> std::io::Result<Child> {
     static SPAWNER: OnceLock<mpsc::Sender<SpawnRequest>> = OnceLock::new();
     set_parent_death_signal(&mut cmd);
     let spawner = SPAWNER.get_or_init(|| {

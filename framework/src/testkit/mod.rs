@@ -51,6 +51,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
+pub use embedded::spawn_tied_to_this_process;
 pub use error::{Result, TestkitError};
 pub use jars::{CACHE_DIR_ENV, FALLBACK_KAFKA_VERSION, KAFKA_VERSION, cache_dir};
 pub use readback::{
