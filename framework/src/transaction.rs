@@ -63,6 +63,9 @@ const PAUSE_AT: usize = 4_000;
 const RESUME_BELOW: usize = 1_000;
 /// At most this many records are buffered in all (bounds memory whatever the partition count).
 const MAX_BUFFERED: usize = 20_000;
+/// At most this many bytes (keys and values) are buffered in all: with large records the count
+/// alone would let the buffer hold hundreds of megabytes.
+const MAX_BUFFERED_BYTES: usize = 16 << 20;
 /// A batch is processed in parallel (a task per partition) when the previous one took at least
 /// this long; below it, handing work to other threads costs more than it saves.
 const PARALLEL_ABOVE: Duration = Duration::from_millis(5);
@@ -81,6 +84,12 @@ type Key = (String, i32);
 pub(crate) struct Buffer {
     partitions: BTreeMap<Key, VecDeque<OwnedMessage>>,
     len: usize,
+    /// Key and value bytes of the buffered records.
+    bytes: usize,
+}
+
+fn size_of_record(m: &OwnedMessage) -> usize {
+    m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len)
 }
 
 impl Buffer {
@@ -99,6 +108,7 @@ impl Buffer {
     /// Appends a record; returns how many records its partition now has.
     fn push(&mut self, m: OwnedMessage) -> usize {
         self.len += 1;
+        self.bytes += size_of_record(&m);
         // Found by a scan (an instance owns few partitions) rather than by building a
         // `(String, i32)` key: this runs for every record polled.
         if let Some(q) = self
@@ -121,6 +131,7 @@ impl Buffer {
             let remove = drop(k);
             if remove {
                 self.len -= q.len();
+                self.bytes -= q.iter().map(size_of_record).sum::<usize>();
             }
             !remove
         });
@@ -129,6 +140,7 @@ impl Buffer {
     /// The first buffered offset of every partition, emptying the buffer.
     fn drain_first_offsets(&mut self) -> BTreeMap<Key, i64> {
         self.len = 0;
+        self.bytes = 0;
         std::mem::take(&mut self.partitions)
             .into_iter()
             .filter_map(|(k, q)| q.front().map(|m| (k, m.offset())))
@@ -150,6 +162,7 @@ impl Buffer {
                 let records: Vec<OwnedMessage> = q.drain(..n).collect();
                 left -= n;
                 self.len -= n;
+                self.bytes -= records.iter().map(size_of_record).sum::<usize>();
                 taken.insert(k.clone(), records);
             }
         }
@@ -485,7 +498,11 @@ where
 {
     let (wait, room) = {
         let st = shared.state();
-        let room = MAX_BATCH.min(MAX_BUFFERED.saturating_sub(st.buffer.len()));
+        let room = if st.buffer.bytes >= MAX_BUFFERED_BYTES {
+            0
+        } else {
+            MAX_BATCH.min(MAX_BUFFERED.saturating_sub(st.buffer.len()))
+        };
         // With records waiting to be processed, only serve what is already fetched.
         let wait = match &st.txn {
             _ if !st.buffer.is_empty() => Duration::ZERO,
