@@ -133,23 +133,11 @@ fn produce_paced(
         let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
         while sent < due {
             let (user, value) = Item::value(sent, size)?;
-            let mut record: BaseRecord<'_, str, Vec<u8>> = BaseRecord::to(topic)
+            let record: BaseRecord<'_, str, Vec<u8>> = BaseRecord::to(topic)
                 .key(user.as_str())
                 .payload(&value)
                 .timestamp(now_ms());
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, back))
-                        if e.rdkafka_error_code()
-                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                    {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            crate::workers::send_waiting(&producer, record)?;
             sent += 1;
         }
         std::thread::sleep(Duration::from_millis(1));

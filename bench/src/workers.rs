@@ -195,19 +195,7 @@ fn copy_loop(
             if let Some(ts) = m.timestamp().to_millis() {
                 record = record.timestamp(ts);
             }
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, back))
-                        if e.rdkafka_error_code()
-                            == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                    {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            send_waiting(&producer, record)?;
             next.insert(m.partition(), m.offset() + 1);
         }
         if let Some(every) = commit_every
@@ -249,5 +237,33 @@ fn flush(
             bail!("records still unacknowledged after {timeout:?}");
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Enqueues `record`, waiting while librdkafka's queue is full (the producer's thread drains it
+/// as the broker acknowledges).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "a dedicated blocking thread; sleeping on a full queue is its back-pressure"
+)]
+pub fn send_waiting<K, P>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+) -> anyhow::Result<()>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((e, back))
+                if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
+            {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
     }
 }
