@@ -641,8 +641,6 @@ fn assigned_set<Ctx: rdkafka::consumer::ConsumerContext>(
         .unwrap_or_default()
 }
 
-/// One partition's records and, in the same order, what processing decided for each (shorter
-/// than the records when processing stopped at a retry or a fatal error).
 /// One partition's records, what processing decided for each (shorter than the records when
 /// processing stopped at a retry or a fatal error), and all their outputs in order.
 type Processed = (Vec<OwnedMessage>, Vec<Outcome>, Vec<OutputRecord>);
