@@ -21,13 +21,6 @@ fn project_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("kstreams")
 }
 
-fn java() -> PathBuf {
-    std::env::var_os("JAVA_HOME").map_or_else(
-        || PathBuf::from("java"),
-        |home| PathBuf::from(home).join("bin").join("java"),
-    )
-}
-
 /// Builds the application with Maven for Kafka `version` (all artifacts from Maven Central).
 pub fn build(version: &str) -> anyhow::Result<KStreamsApp> {
     let dir = project_dir();
@@ -70,7 +63,8 @@ pub fn build(version: &str) -> anyhow::Result<KStreamsApp> {
         .collect();
     deps.sort();
     classpath.extend(deps.iter().map(|p| p.display().to_string()));
-    let java = java();
+    // The same JVM the embedded broker runs on (the testkit's `$JAVA_HOME`, else `PATH`).
+    let java = onceflow::testkit::KafkaOptions::single().java;
     let about = Command::new(&java)
         .arg("-version")
         .output()
