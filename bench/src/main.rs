@@ -63,8 +63,10 @@ struct Args {
     /// Throughput runs per mode; each repeat rotates the order of the modes.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Records in the warm-up round (every mode once; figures discarded).
-    #[arg(long, default_value_t = 100_000)]
+    /// Records in the warm-up round (every mode once; figures discarded): long enough for the
+    /// broker JVM to compile its hot paths (it still compiles during later runs; the broker JIT
+    /// figures say how much).
+    #[arg(long, default_value_t = 500_000)]
     warmup_records: u64,
     /// Seconds of fixed-rate input per mode in the latency phase (0: no latency phase).
     #[arg(long, default_value_t = 30.0)]
@@ -279,6 +281,21 @@ impl Bench<'_> {
         Worker::spawn(mode, command)
     }
 
+    /// CPU seconds the embedded broker's JVM(s) have used so far, and how many of them its JIT
+    /// compiler threads used; `None` for an external cluster, whose processes are not ours to
+    /// read.
+    fn broker_cpu_seconds(&self) -> anyhow::Result<Option<(f64, f64)>> {
+        if !self.kafka.is_embedded() {
+            return Ok(None);
+        }
+        let (mut total, mut jit) = (0.0, 0.0);
+        for pid in self.kafka.process_ids()? {
+            total += process::cpu_seconds_of(pid)?;
+            jit += process::jit_cpu_seconds_of(pid)?;
+        }
+        Ok(Some((total, jit)))
+    }
+
     /// One throughput run of `mode` over the pre-loaded `input` (`repeat` 0 is the warm-up).
     async fn throughput(
         &self,
@@ -295,6 +312,7 @@ impl Bench<'_> {
         let mut worker = self.spawn(mode, input, &output, &group)?;
         let ready = worker.wait_ready(Duration::from_secs(120)).await?;
         let cpu_at_ready = worker.cpu_seconds_so_far()?;
+        let broker_cpu_at_ready = self.broker_cpu_seconds()?;
         let commits = mode != "ceiling";
         let deadline = ready + Duration::from_secs(1800);
         loop {
@@ -331,6 +349,7 @@ impl Bench<'_> {
         }
         let finished = Instant::now();
         let cpu_total_at_end = worker.cpu_seconds_so_far()?;
+        let broker_cpu_at_end = self.broker_cpu_seconds()?;
         let usage = worker.kill()?;
         self.delete_topic(&output).await;
         let seconds = finished.duration_since(ready).as_secs_f64();
@@ -344,16 +363,24 @@ impl Bench<'_> {
             records_per_second: records as f64 / seconds,
             cpu_seconds: cpu_total_at_end - cpu_at_ready,
             cpu_seconds_total: usage.cpu_seconds,
+            broker_cpu_seconds: broker_cpu_at_end
+                .zip(broker_cpu_at_ready)
+                .map(|(end, start)| (end.0 - end.1) - (start.0 - start.1)),
+            broker_jit_cpu_seconds: broker_cpu_at_end
+                .zip(broker_cpu_at_ready)
+                .map(|(end, start)| end.1 - start.1),
             peak_rss_mib: usage.peak_rss_mib,
         };
         println!(
-            "{:<16} {:>5} B  #{repeat}  {:>9.0} records/s  {:>6.1} s (+{:.1} s start)  cpu {:>6.1} s  rss {:>7.1} MiB",
+            "{:<16} {:>5} B  #{repeat}  {:>9.0} records/s  {:>6.1} s (+{:.1} s start)  cpu {:>6.1} s  broker cpu {:>6.1} s (+{:.1} s JIT)  rss {:>7.1} MiB",
             row.mode,
             row.value_size,
             row.records_per_second,
             row.seconds,
             row.startup_seconds,
             row.cpu_seconds,
+            row.broker_cpu_seconds.unwrap_or(f64::NAN),
+            row.broker_jit_cpu_seconds.unwrap_or(f64::NAN),
             row.peak_rss_mib
         );
         Ok(row)

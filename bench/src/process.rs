@@ -90,21 +90,7 @@ impl Worker {
 
     /// CPU seconds (user + system) the worker has used so far, from `/proc`.
     pub fn cpu_seconds_so_far(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // The command name (field 2) may contain spaces; the fields after it are plain.
-        let rest = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r)
-            .context("parsing /proc stat")?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
-        let ticks: f64 = fields
-            .get(11..13)
-            .context("short /proc stat")?
-            .iter()
-            .map(|f| f.parse::<f64>())
-            .sum::<Result<f64, _>>()?;
-        Ok(ticks / clock_ticks_per_second())
+        cpu_seconds_of(self.child.id())
     }
 
     /// The worker's peak resident set size so far (MiB): `VmHWM`, the high-water mark of its
@@ -148,6 +134,52 @@ impl Worker {
             peak_rss_mib,
         })
     }
+}
+
+/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
+    cpu_seconds_in(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds a JVM's JIT compiler threads (`C1 CompilerThread…`, `C2 CompilerThread…`)
+/// have used so far, from `/proc/<pid>/task/*/`. A freshly started JVM compiles for minutes;
+/// that CPU is start-up cost, not the cost of the requests it serves, and the harness reports
+/// it apart (threads that have ended are not counted, so a JVM that retired compiler threads
+/// under-reports; the rest of its CPU is then over-reported by as much).
+pub fn jit_cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread may end between the listing and the read; it is then not counted.
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if name.contains("CompilerThre")
+            && let Ok(seconds) = cpu_seconds_in(&dir.join("stat").to_string_lossy())
+        {
+            total += seconds;
+        }
+    }
+    Ok(total)
+}
+
+fn cpu_seconds_in(stat_path: &str) -> anyhow::Result<f64> {
+    let stat =
+        std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
+    // The command name (field 2) may contain spaces; the fields after it are plain.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("parsing /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short /proc stat")?
+        .iter()
+        .map(|f| f.parse::<f64>())
+        .sum::<Result<f64, _>>()?;
+    Ok(ticks / clock_ticks_per_second())
 }
 
 #[allow(unsafe_code)]

@@ -321,6 +321,14 @@ impl EmbeddedCluster {
         Ok(self.node(id)?.log_path())
     }
 
+    /// The process ids of the nodes' JVMs that are running (a killed node has none).
+    pub(crate) fn process_ids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.process().as_ref().map(Child::id))
+            .collect()
+    }
+
     /// SIGKILL, like a machine losing power: no controlled shutdown, no flush.
     pub(crate) fn kill_node(&self, id: i32) -> Result<()> {
         let node = self.node(id)?;

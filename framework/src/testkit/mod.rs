@@ -332,6 +332,12 @@ impl Kafka {
         self.embedded("a broker log")?.log_path(node)
     }
 
+    /// The operating-system process ids of an embedded cluster's running broker JVMs, e.g. for
+    /// measuring the brokers' CPU time beside a client's.
+    pub fn process_ids(&self) -> Result<Vec<u32>> {
+        Ok(self.embedded("listing broker processes")?.process_ids())
+    }
+
     /// Hard-kills one node with SIGKILL: no controlled shutdown, like a power cut.
     pub fn kill_node(&self, node: i32) -> Result<()> {
         self.embedded("killing a node")?.kill_node(node)
