@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -100,28 +101,47 @@ pub async fn run(
         .commit_interval(interval)
         .stamp_source(false)
         .build()?;
-    Pipeline::new(config, Enrich(output.to_owned()))
-        .with_codec(onceflow::codec::Raw)
+    Pipeline::new(config, Enrich(Arc::from(output)))
+        .with_codec(onceflow::codec::Json)
         .run()
         .await?;
     Ok(())
 }
 
-/// The onceflow mode's processor: the transform, keyed output (the input's timestamp is kept
-/// by the runtime).
-struct Enrich(String);
+/// The onceflow mode's processor: the same transform, written the way onceflow is meant to be
+/// used — the `Json` codec parses the value into an [`Item`] (a record that does not parse is
+/// dead-lettered by the runtime), the processor re-serialises it with `enriched` set, keyed
+/// output (the input's timestamp is kept by the runtime). The output bytes are the same as
+/// [`transform`]'s (a unit test checks).
+struct Enrich(Arc<str>);
+
+/// An [`Item`] with `enriched` set, serialised from borrowed fields (the processor sees the
+/// input by reference).
+#[derive(Serialize)]
+struct Enriched<'a> {
+    id: u64,
+    user: &'a str,
+    pad: &'a str,
+    enriched: bool,
+}
+
+impl<'a> Enriched<'a> {
+    fn of(item: &'a Item) -> Self {
+        Self {
+            id: item.id,
+            user: &item.user,
+            pad: &item.pad,
+            enriched: true,
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl Processor for Enrich {
-    type Input = Option<Vec<u8>>;
+    type Input = Item;
 
-    async fn process(
-        &self,
-        r: &Record<Option<Vec<u8>>>,
-        out: &mut Output,
-    ) -> Result<(), ProcessError> {
-        let value =
-            transform(r.value.as_deref().unwrap_or_default()).map_err(ProcessError::dead_letter)?;
+    async fn process(&self, r: &Record<Item>, out: &mut Output) -> Result<(), ProcessError> {
+        let value = serde_json::to_vec(&Enriched::of(&r.value)).map_err(ProcessError::fatal)?;
         let mut o = OutputRecord::to(&self.0).value(value);
         if let Some(k) = &r.key {
             o = o.key(k.as_slice());
@@ -265,5 +285,23 @@ where
             }
             Err((e, _)) => return Err(e.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn onceflow_processor_writes_what_the_baselines_write() -> anyhow::Result<()> {
+        for size in [100, 1024] {
+            let (_, value) = Item::value(42, size)?;
+            let item: Item = serde_json::from_slice(&value)?;
+            assert_eq!(
+                serde_json::to_vec(&Enriched::of(&item))?,
+                transform(&value)?
+            );
+        }
+        Ok(())
     }
 }

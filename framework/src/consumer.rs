@@ -5,11 +5,15 @@
 //! reads with `isolation.level=read_committed`, so records of aborted or still-open upstream
 //! transactions are never processed. Rebalance handling is in [`crate::rebalance`].
 
+use std::sync::Arc;
+
 use rdkafka::ClientConfig;
+use rdkafka::Timestamp;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message, OwnedHeaders};
 
 use crate::config::{PipelineConfig, StartFrom};
 use crate::error::Error;
@@ -62,8 +66,8 @@ pub(crate) fn create<Ctx: ConsumerContext>(
     if !tuned("fetch.wait.max.ms") {
         cc.set("fetch.wait.max.ms", "100");
     }
-    // librdkafka stops fetching while its queue holds `queued.min.messages` (100,000) records —
-    // counted over all partitions, as they share the consumer queue — and then waits
+    // librdkafka stops fetching while its queue holds `queued.min.messages` records (its
+    // default 100,000; onceflow sets 30,000 below) and then waits
     // `fetch.queue.backoff.ms` (default 1 s) before it looks again. A pipeline that drains
     // faster than that leaves the queue empty for most of the second: the transaction loop
     // measured polls that found nothing for 400–600 ms at a time, at ~60% of the throughput
@@ -71,11 +75,15 @@ pub(crate) fn create<Ctx: ConsumerContext>(
     if !tuned("fetch.queue.backoff.ms") {
         cc.set("fetch.queue.backoff.ms", "10");
     }
-    // librdkafka's default prefetch is up to 64 MiB; with the loop's own buffer (≤ 16 MiB)
-    // 16 MiB is ample at any rate measured (docs/benchmarks.md), and keeps an instance's
-    // memory small and bounded.
+    // librdkafka's default prefetch is up to 64 MiB and 100,000 records; with the loop's own
+    // buffer behind it, 8 MiB and 30,000 records kept the benchmark's throughput and cut the
+    // worker's peak memory from 67 to 43 MiB at 100 B records (and its CPU per record: fewer
+    // records in flight, fewer cache misses and less allocator churn). See docs/benchmarks.md.
     if !tuned("queued.max.messages.kbytes") {
-        cc.set("queued.max.messages.kbytes", "16384");
+        cc.set("queued.max.messages.kbytes", "8192");
+    }
+    if !tuned("queued.min.messages") {
+        cc.set("queued.min.messages", "30000");
     }
     cc.create_with_context(context)
         .map_err(|e| Error::kafka("creating the consumer", e))
@@ -121,3 +129,79 @@ impl ClientContext for QuietContext {
 }
 
 impl ConsumerContext for QuietContext {}
+
+/// A polled input record, owned by onceflow until its transaction commits.
+///
+/// rust-rdkafka's `OwnedMessage` (what `BorrowedMessage::detach` makes) copies the topic name
+/// into a `String` for every record; here all records of a partition share one `Arc<str>`, and
+/// the key is moved into the processor's [`Record`](crate::Record) and back rather than copied
+/// again. The key and value are copied once, out of librdkafka's fetch buffer, so the buffer
+/// can be released while the record waits for processing.
+#[derive(Debug, Clone)]
+pub(crate) struct Polled {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) timestamp: Timestamp,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) payload: Option<Vec<u8>>,
+    pub(crate) headers: Option<OwnedHeaders>,
+}
+
+impl Polled {
+    /// Copies `m` out of librdkafka; `topic` is its topic's shared name.
+    pub(crate) fn copy_of<M: Message>(m: &M, topic: Arc<str>) -> Self
+    where
+        M::Headers: Headers,
+    {
+        Self {
+            topic,
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp: m.timestamp(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: m.headers().map(|hs| {
+                hs.iter().fold(OwnedHeaders::new(), |acc, h| {
+                    acc.insert(rdkafka::message::Header {
+                        key: h.key,
+                        value: h.value,
+                    })
+                })
+            }),
+        }
+    }
+
+    pub(crate) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub(crate) fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    pub(crate) fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    pub(crate) fn timestamp(&self) -> Timestamp {
+        self.timestamp
+    }
+
+    pub(crate) fn headers(&self) -> Option<&OwnedHeaders> {
+        self.headers.as_ref()
+    }
+
+    pub(crate) fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    pub(crate) fn payload(&self) -> Option<&[u8]> {
+        self.payload.as_deref()
+    }
+
+    /// Key and value bytes: what the record costs in the loop's buffer.
+    pub(crate) fn size(&self) -> usize {
+        self.payload.as_ref().map_or(0, Vec::len) + self.key.as_ref().map_or(0, Vec::len)
+    }
+}

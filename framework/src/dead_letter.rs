@@ -7,7 +7,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rdkafka::message::{Headers as _, Message as _, OwnedMessage};
+use rdkafka::message::Headers as _;
+
+use crate::consumer::Polled;
 
 use crate::processor::OutputRecord;
 
@@ -51,7 +53,7 @@ impl DeadLetterKind {
 /// The dead letter for `original`.
 pub(crate) fn record(
     topic: &str,
-    original: &OwnedMessage,
+    original: &Polled,
     kind: DeadLetterKind,
     reason: &str,
     attempts: u32,
@@ -99,18 +101,18 @@ mod tests {
 
     #[test]
     fn keeps_the_original_and_names_the_error() {
-        let original = OwnedMessage::new(
-            Some(b"{bad".to_vec()),
-            Some(b"user-1".to_vec()),
-            "orders".into(),
-            Timestamp::CreateTime(1_700_000_000_000),
-            2,
-            41,
-            Some(OwnedHeaders::new().insert(Header {
+        let original = Polled {
+            payload: Some(b"{bad".to_vec()),
+            key: Some(b"user-1".to_vec()),
+            topic: "orders".into(),
+            timestamp: Timestamp::CreateTime(1_700_000_000_000),
+            partition: 2,
+            offset: 41,
+            headers: Some(OwnedHeaders::new().insert(Header {
                 key: "trace_id",
                 value: Some("t-9"),
             })),
-        );
+        };
         let dl = record(
             "orders.dlq",
             &original,

@@ -104,7 +104,9 @@ pub mod guide {}
 pub use config::{PipelineConfig, PipelineConfigBuilder};
 pub use error::{Error, ErrorClass};
 pub use pipeline::Pipeline;
-pub use processor::{Output, OutputRecord, ProcessError, Processor, Record, TopicPartition};
+pub use processor::{
+    IntoTopic, Output, OutputRecord, ProcessError, Processor, Record, TopicPartition,
+};
 pub use shutdown::ShutdownHandle;
 pub use transaction::RunSummary;
 

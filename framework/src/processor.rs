@@ -228,7 +228,7 @@ impl<T> Record<T> {
 /// One record to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputRecord {
-    pub(crate) topic: String,
+    pub(crate) topic: Arc<str>,
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) headers: Headers,
@@ -236,12 +236,67 @@ pub struct OutputRecord {
     pub(crate) timestamp: Option<i64>,
 }
 
+/// What [`OutputRecord::to`] accepts as a topic name.
+///
+/// Output records share their topic name as an `Arc<str>`. A `&str`, `String` or `&String` is
+/// copied into a new one for each record; an `Arc<str>` (or a reference to one) is shared, so
+/// a processor that keeps its output topic as an `Arc<str>` allocates nothing for it per
+/// record.
+pub trait IntoTopic {
+    /// The shared topic name.
+    fn into_topic(self) -> Arc<str>;
+}
+
+impl IntoTopic for &str {
+    fn into_topic(self) -> Arc<str> {
+        Arc::from(self)
+    }
+}
+
+impl IntoTopic for String {
+    fn into_topic(self) -> Arc<str> {
+        Arc::from(self)
+    }
+}
+
+impl IntoTopic for &String {
+    fn into_topic(self) -> Arc<str> {
+        Arc::from(self.as_str())
+    }
+}
+
+impl IntoTopic for Arc<str> {
+    fn into_topic(self) -> Arc<str> {
+        self
+    }
+}
+
+impl IntoTopic for &Arc<str> {
+    fn into_topic(self) -> Arc<str> {
+        Arc::clone(self)
+    }
+}
+
 impl OutputRecord {
     /// A record for `topic` with no key, no value and no headers.
+    ///
+    /// A `&str` or `String` topic is copied into a new shared string; a processor that
+    /// produces many records can keep its topic as an `Arc<str>` and pass `&topic`, which
+    /// costs no allocation per record (see [`IntoTopic`]):
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use onceflow::OutputRecord;
+    ///
+    /// let topic: Arc<str> = Arc::from("payments.enriched");
+    /// let record = OutputRecord::to(&topic).value("{}");
+    /// assert_eq!(record.topic(), "payments.enriched");
+    /// assert_eq!(Arc::strong_count(&topic), 2); // shared, not copied
+    /// ```
     #[must_use]
-    pub fn to(topic: impl Into<String>) -> Self {
+    pub fn to(topic: impl IntoTopic) -> Self {
         Self {
-            topic: topic.into(),
+            topic: topic.into_topic(),
             key: None,
             value: None,
             headers: Headers::new(),

@@ -64,6 +64,20 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
+/// The producer's `linger.ms` unless the user sets one: a fifth of the commit interval, between
+/// 1 ms and 100 ms (Kafka Streams' producer default).
+///
+/// Why this long: a transaction's outputs become visible only when it commits, and the commit
+/// sends whatever is lingering at once (see [`TxProducer::commit`]), so lingering inside a
+/// transaction adds no latency. It does cut the number of produce requests — each costs the
+/// broker a request's handling whatever its size. With librdkafka's 5 ms the benchmark's
+/// producer sent ~550 records per request and the broker spent more CPU per record than the
+/// worker; the whole comparison is in `docs/benchmarks.md`. A fifth of the interval leaves most
+/// of it for batches to be sent before the commit has to wait for them.
+pub(crate) fn default_linger(commit_interval: Duration) -> Duration {
+    (commit_interval / 5).clamp(Duration::from_millis(1), Duration::from_millis(100))
+}
+
 /// A send the producer refused for this record (too large, unknown topic, ...).
 #[derive(Debug)]
 pub(crate) struct SendRejected(pub(crate) KafkaError);
@@ -111,13 +125,23 @@ impl TxProducer {
             config.producer_properties.contains_key(k) || config.kafka_properties.contains_key(k)
         };
         if !tuned("linger.ms") {
-            cc.set("linger.ms", "5");
+            cc.set(
+                "linger.ms",
+                default_linger(config.commit_interval)
+                    .as_millis()
+                    .to_string(),
+            );
         }
-        // librdkafka's default allows 1 GiB of unacknowledged records; a transaction is flushed
-        // at every commit anyway, and 16 MiB kept the measured throughput (docs/benchmarks.md)
-        // while bounding an instance's memory. A full queue makes `send` wait, not fail.
+        // librdkafka's default allows 1 GiB and 100,000 unacknowledged records; a transaction
+        // is flushed at every commit anyway, and 8 MiB and 30,000 records kept the measured
+        // throughput (docs/benchmarks.md) while bounding an instance's memory — with small
+        // records the count, not the bytes, is what bounds it. A full queue makes `send` wait,
+        // not fail.
         if !tuned("queue.buffering.max.kbytes") {
-            cc.set("queue.buffering.max.kbytes", "16384");
+            cc.set("queue.buffering.max.kbytes", "8192");
+        }
+        if !tuned("queue.buffering.max.messages") {
+            cc.set("queue.buffering.max.messages", "30000");
         }
 
         let inner: ThreadedProducer<DeliveryContext> = cc
@@ -307,5 +331,26 @@ impl TxProducer {
         } else {
             Error::kafka(operation, e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linger_is_a_fifth_of_the_commit_interval_within_bounds() {
+        assert_eq!(
+            default_linger(Duration::from_millis(100)),
+            Duration::from_millis(20)
+        );
+        assert_eq!(
+            default_linger(Duration::from_millis(2)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            default_linger(Duration::from_secs(10)),
+            Duration::from_millis(100)
+        );
     }
 }
