@@ -65,7 +65,7 @@ impl ProducerContext for DeliveryContext {
 }
 
 /// The producer's `linger.ms` unless the user sets one: a fifth of the commit interval, between
-/// 1 ms and 100 ms (Kafka Streams' producer default).
+/// 1 ms and 20 ms.
 ///
 /// Why this long: a transaction's outputs become visible only when it commits, and the commit
 /// sends whatever is lingering at once (see [`TxProducer::commit`]), so lingering inside a
@@ -73,9 +73,12 @@ impl ProducerContext for DeliveryContext {
 /// broker a request's handling whatever its size. With librdkafka's 5 ms the benchmark's
 /// producer sent ~550 records per request and the broker spent more CPU per record than the
 /// worker; the whole comparison is in `docs/benchmarks.md`. A fifth of the interval leaves most
-/// of it for batches to be sent before the commit has to wait for them.
+/// of it for batches to be sent before the commit has to wait for them. Not more than 20 ms:
+/// what lingers sits in the producer's queue (at most `queue.buffering.max.messages`), and
+/// with 100 ms at a 1 s interval a fast pipeline filled it and waited for lingering batches —
+/// measured at half the throughput of the 100 ms interval.
 pub(crate) fn default_linger(commit_interval: Duration) -> Duration {
-    (commit_interval / 5).clamp(Duration::from_millis(1), Duration::from_millis(100))
+    (commit_interval / 5).clamp(Duration::from_millis(1), Duration::from_millis(20))
 }
 
 /// A send the producer refused for this record (too large, unknown topic, ...).
@@ -216,7 +219,10 @@ impl TxProducer {
             match self.inner.send(base) {
                 Ok(()) => return Ok(()),
                 Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                    // The background thread drains the queue as the broker acknowledges.
+                    // The background thread drains the queue as the broker acknowledges; a
+                    // zero-timeout flush sends what is still lingering now rather than after
+                    // `linger.ms`, so a full queue never waits for it.
+                    let _ = self.inner.flush(Duration::ZERO);
                     std::thread::sleep(Duration::from_millis(1));
                     base = back;
                 }
@@ -349,8 +355,8 @@ mod tests {
             Duration::from_millis(1)
         );
         assert_eq!(
-            default_linger(Duration::from_secs(10)),
-            Duration::from_millis(100)
+            default_linger(Duration::from_secs(1)),
+            Duration::from_millis(20)
         );
     }
 }
