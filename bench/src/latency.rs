@@ -12,13 +12,13 @@ use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::PARTITIONS;
 use crate::workers::Item;
 
 /// The latencies of one mode at one rate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LatencyRow {
     pub mode: String,
     pub value_size: usize,

@@ -87,6 +87,10 @@ struct Args {
     /// Write the markdown tables here.
     #[arg(long, default_value = "target/bench-results.md")]
     markdown_out: String,
+    /// Re-render the markdown tables of an earlier run from its JSON results (written to
+    /// `--markdown-out`); runs nothing.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    render: Option<String>,
     /// Internal: run one Rust mode (MODE BOOTSTRAP INPUT OUTPUT GROUP).
     #[arg(long, hide = true, num_args = 5)]
     worker: Option<Vec<String>>,
@@ -118,6 +122,13 @@ async fn main() -> anyhow::Result<()> {
                 .init();
         }
         return workers::run(mode, bootstrap, input, output, group).await;
+    }
+    if let Some(path) = &args.render {
+        let results: report::Results = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let md = report::markdown(&results);
+        println!("{md}");
+        std::fs::write(&args.markdown_out, md)?;
+        return Ok(());
     }
     let modes = if args.modes.is_empty() {
         MODES.iter().map(|m| (*m).to_owned()).collect()

@@ -2,13 +2,13 @@
 
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::REFERENCE;
 use crate::latency::LatencyRow;
 
 /// One throughput run of one mode.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ThroughputRow {
     pub mode: String,
     pub value_size: usize,
@@ -27,16 +27,18 @@ pub struct ThroughputRow {
     /// CPU seconds of the embedded broker's JVM within `seconds`, without its JIT compiler
     /// threads (`None` with an external cluster). It shares the machine with the worker, so
     /// its cost per record bounds the throughput as much as the worker's.
+    #[serde(default)]
     pub broker_cpu_seconds: Option<f64>,
     /// CPU seconds of the broker JVM's JIT compiler threads within `seconds`: warm-up still
     /// going on in the broker, which competes with the worker for the cores.
+    #[serde(default)]
     pub broker_jit_cpu_seconds: Option<f64>,
     /// Peak resident set size of the worker process.
     pub peak_rss_mib: f64,
 }
 
 /// Everything one run of the harness measured.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub kafka: String,
     pub kafka_version: String,
@@ -155,9 +157,12 @@ pub fn markdown(res: &Results) -> String {
         let _ = writeln!(out, "#### {size} B values: throughput\n");
         let _ = writeln!(
             out,
-            "| mode | records/s | min – max | {REFERENCE} ÷ mode | CPU s | CPU µs / record | broker CPU µs / record | peak RSS MiB | mode RSS ÷ {REFERENCE} RSS | start-up s |"
+            "| mode | records/s | min – max | {REFERENCE} ÷ mode | CPU s | CPU µs / record | broker CPU µs / record | broker JIT s | peak RSS MiB | mode RSS ÷ {REFERENCE} RSS | start-up s |"
         );
-        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            out,
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for mode in &modes {
             let rs: Vec<&ThroughputRow> = runs(&res.throughput, mode, size).collect();
             let rps = median(rs.iter().map(|r| r.records_per_second).collect()).unwrap_or(f64::NAN);
@@ -169,15 +174,17 @@ pub fn markdown(res: &Results) -> String {
             let cpu = median(rs.iter().map(|r| r.cpu_seconds).collect()).unwrap_or(f64::NAN);
             let rss = median(rs.iter().map(|r| r.peak_rss_mib).collect()).unwrap_or(f64::NAN);
             let broker = median(rs.iter().filter_map(|r| r.broker_cpu_seconds).collect());
+            let jit = median(rs.iter().filter_map(|r| r.broker_jit_cpu_seconds).collect());
             let start = median(rs.iter().map(|r| r.startup_seconds).collect()).unwrap_or(f64::NAN);
             let records = rs.first().map_or(1, |r| r.records) as f64;
             let ratio = reference.map_or("–".to_owned(), |x| format!("{:.2}", x / rps));
             let rss_ratio = reference_rss.map_or("–".to_owned(), |x| format!("{:.1}", rss / x));
             let _ = writeln!(
                 out,
-                "| {mode} | {rps:.0} | {lo:.0} – {hi:.0} | {ratio} | {cpu:.1} | {:.1} | {} | {rss:.0} | {rss_ratio} | {start:.1} |",
+                "| {mode} | {rps:.0} | {lo:.0} – {hi:.0} | {ratio} | {cpu:.1} | {:.1} | {} | {} | {rss:.0} | {rss_ratio} | {start:.1} |",
                 cpu * 1e6 / records,
-                broker.map_or("–".to_owned(), |b| format!("{:.1}", b * 1e6 / records))
+                broker.map_or("–".to_owned(), |b| format!("{:.1}", b * 1e6 / records)),
+                jit.map_or("–".to_owned(), |j| format!("{j:.1}"))
             );
         }
         let lat: Vec<&LatencyRow> = res
