@@ -424,6 +424,7 @@ where
     }
     // Leaving the group runs the revoke callback (nothing is open any more) and hands the
     // partitions to the other instances at once.
+    leave_group(&consumer);
     drop(consumer);
     shared.runtime.block_on(shared.processor.on_close());
     let summary = shared.state().summary.clone();
@@ -433,6 +434,39 @@ where
         Err(e) => tracing::error!(error = %e, "pipeline stopped on an error"),
     }
     result.map(|()| summary)
+}
+
+/// How long a stopping instance serves rebalance events while it leaves its group.
+const LEAVE_GROUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Unsubscribes and serves rebalance events until the consumer holds no partitions, before it
+/// is closed.
+///
+/// Why not leave it to the close: librdkafka can hang for ever in the close when a rebalance
+/// (an assignment) is under way as it closes — the rebalance callback's `assign` waits for a
+/// reply that never comes (librdkafka issue #4884, open). It hung instances that stopped while
+/// others were joining the group. Leaving first, while `poll` still serves the callbacks, means
+/// the close has nothing left to rebalance. Records polled meanwhile are dropped: every
+/// transaction is over by now, and the partitions' next owners read them again from the
+/// committed offsets.
+fn leave_group<Ctx: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<Ctx>) {
+    consumer.unsubscribe();
+    let deadline = Instant::now() + LEAVE_GROUP_TIMEOUT;
+    while Instant::now() < deadline {
+        let holds_partitions = consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false);
+        if !holds_partitions {
+            return;
+        }
+        // Only serves callbacks and drops records; see above.
+        let _ = consumer.poll(Duration::from_millis(50));
+    }
+    tracing::warn!(
+        timeout = ?LEAVE_GROUP_TIMEOUT,
+        "the consumer still held partitions after unsubscribing; closing it anyway"
+    );
 }
 
 fn main_loop<P, C>(
