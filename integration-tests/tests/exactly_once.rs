@@ -428,8 +428,14 @@ async fn instances_join_and_leave_mid_stream(strategy: onceflow::config::Assignm
     let kafka = Kafka::shared().await.expect("broker");
     println!("broker: {}", kafka.describe());
     let t = setup(kafka, "eos-rebalance", 6, 3).await;
-    let input = events(6_000, 83);
-    produce_events(kafka, &t.input, &input).await;
+    // Two waves: 6,000 before the first instance starts, 12,000 once the newcomers start. With
+    // one wave, instance 1 (and 2, while the group waited for it) could drain the partitions
+    // that instance 3 was then given, so it had nothing left to process (seen in CI). Each
+    // partition takes at least 3 ms per record whoever owns it, so the second wave keeps every
+    // partition busy for ~6 s — well past the rebalances.
+    let input = events(18_000, 83);
+    let (first_wave, second_wave) = input.split_at(6_000);
+    produce_events(kafka, &t.input, first_wave).await;
     let config = |instance: &str| {
         test_config(kafka, &t.app, instance, &t.input)
             .assignment_strategy(strategy)
@@ -448,6 +454,7 @@ async fn instances_join_and_leave_mid_stream(strategy: onceflow::config::Assignm
     let (c2, c3) = (Arc::clone(&p2.processed), Arc::clone(&p3.processed));
     let second = Running::start(Pipeline::new(config("2"), p2));
     let third = Running::start(Pipeline::new(config("3"), p3));
+    produce_events(kafka, &t.input, second_wave).await;
     // Mid-stream for real: both newcomers own partitions and have done work before they leave.
     wait_count(&c2, 200, "instance 2's processed records", CATCH_UP).await;
     wait_count(&c3, 200, "instance 3's processed records", CATCH_UP).await;
@@ -500,7 +507,7 @@ async fn instances_join_and_leave_mid_stream(strategy: onceflow::config::Assignm
         "all three instances committed work: {per_instance:?}"
     );
     println!(
-        "{strategy:?}: 6,000 inputs over 6 partitions, instances 2 and 3 joined and left: \
+        "{strategy:?}: 18,000 inputs over 6 partitions, instances 2 and 3 joined and left: \
          exactly once; committed per instance {per_instance:?}; {runs} ownership runs over 6 \
          partitions; rebalances seen by instance 1: {}, by 2: {}, by 3: {}",
         s1.rebalances, s2.rebalances, s3.rebalances
