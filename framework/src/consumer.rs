@@ -150,10 +150,7 @@ pub(crate) struct Polled {
 
 impl Polled {
     /// Copies `m` out of librdkafka; `topic` is its topic's shared name.
-    pub(crate) fn copy_of<M: Message>(m: &M, topic: Arc<str>) -> Self
-    where
-        M::Headers: Headers,
-    {
+    pub(crate) fn copy_of<M: Message>(m: &M, topic: Arc<str>) -> Self {
         Self {
             topic,
             partition: m.partition(),
