@@ -88,6 +88,8 @@ pub(crate) struct Buffer {
     len: usize,
     /// Key and value bytes of the buffered records.
     bytes: usize,
+    /// The instance reads one topic, so a record's partition alone finds its queue.
+    single_topic: bool,
 }
 
 /// One partition's buffered records, and the topic name they share.
@@ -127,11 +129,15 @@ impl Buffer {
     /// Appends a copy of a polled record; returns how many records its partition now has.
     fn push<M: rdkafka::Message>(&mut self, m: &M) -> usize {
         // Found by a scan (an instance owns few partitions) rather than by building a
-        // `(String, i32)` key: this runs for every record polled.
+        // `(String, i32)` key: this runs for every record polled. With one input topic the
+        // topic is not compared: rdkafka's `topic()` measures and UTF-8-checks the name on
+        // every call (~2 % of the worker thread in `perf`).
+        let single_topic = self.single_topic;
+        let partition = m.partition();
         let found = self
             .partitions
             .iter_mut()
-            .find(|(k, _)| k.1 == m.partition() && k.0 == m.topic())
+            .find(|(k, _)| k.1 == partition && (single_topic || k.0 == m.topic()))
             .map(|(_, q)| q);
         let q = match found {
             Some(q) => q,
@@ -173,7 +179,13 @@ impl Buffer {
     }
 
     /// Up to `max` records, at most `per_partition` from each partition, in order per partition.
-    fn take(&mut self, max: usize, per_partition: usize) -> BTreeMap<Key, Vec<Polled>> {
+    /// Each partition's run goes into a vector from `spare`.
+    fn take(
+        &mut self,
+        max: usize,
+        per_partition: usize,
+        spare: &mut Spare,
+    ) -> BTreeMap<Key, Vec<Polled>> {
         let mut taken = BTreeMap::new();
         let mut left = max;
         let busy = self
@@ -188,7 +200,8 @@ impl Buffer {
             }
             let n = q.records.len().min(share).min(left);
             if n > 0 {
-                let records: Vec<Polled> = q.records.drain(..n).collect();
+                let mut records = spare.records();
+                records.extend(q.records.drain(..n));
                 left -= n;
                 self.len -= n;
                 self.bytes -= records.iter().map(Polled::size).sum::<usize>();
@@ -198,6 +211,61 @@ impl Buffer {
         // Drained queues stay (until their partition is revoked): they keep their capacity,
         // where re-creating them made every batch grow them again from nothing.
         taken
+    }
+}
+
+/// The vectors a batch is carried in, kept from one batch to the next.
+///
+/// Why: a batch moves each partition's run of records, what processing decided for each and
+/// their outputs through vectors of tens of kilobytes. Allocating and freeing them per batch
+/// was the most expensive thing the allocator did on the worker thread: glibc's malloc
+/// consolidates every freed small block (each record's key and value, each output) whenever a
+/// block of 1 KiB or more is requested, so each new batch vector walked thousands of them
+/// (`malloc_consolidate` and `unlink_chunk` in `perf`; see docs/benchmarks.md). Reused, they
+/// are allocated once.
+#[derive(Default)]
+pub(crate) struct Spare {
+    records: Vec<Vec<Polled>>,
+    outcomes: Vec<Vec<Outcome>>,
+    outputs: Vec<Vec<OutputRecord>>,
+}
+
+/// At most this many vectors of each kind are kept: one per partition a batch can touch is
+/// the most a batch needs back.
+const MAX_SPARE: usize = 64;
+/// A vector that grew past this many elements (a processor that fans one record out into many
+/// outputs) is freed rather than kept, so the spares stay small.
+const MAX_SPARE_CAPACITY: usize = 4 * MAX_PER_PARTITION;
+
+impl Spare {
+    fn records(&mut self) -> Vec<Polled> {
+        self.records.pop().unwrap_or_default()
+    }
+
+    fn outcomes(&mut self) -> Vec<Outcome> {
+        self.outcomes.pop().unwrap_or_default()
+    }
+
+    fn outputs(&mut self) -> Vec<OutputRecord> {
+        self.outputs.pop().unwrap_or_default()
+    }
+
+    /// Takes back one partition run's vectors, emptied.
+    fn keep(
+        &mut self,
+        mut records: Vec<Polled>,
+        mut outcomes: Vec<Outcome>,
+        mut outputs: Vec<OutputRecord>,
+    ) {
+        fn put<T>(pool: &mut Vec<Vec<T>>, v: &mut Vec<T>) {
+            v.clear();
+            if pool.len() < MAX_SPARE && v.capacity() <= MAX_SPARE_CAPACITY {
+                pool.push(std::mem::take(v));
+            }
+        }
+        put(&mut self.records, &mut records);
+        put(&mut self.outcomes, &mut outcomes);
+        put(&mut self.outputs, &mut outputs);
     }
 }
 
@@ -292,6 +360,8 @@ pub(crate) struct LoopState {
     per_record: Option<Duration>,
     /// How long the last batch's processing took (chooses inline or parallel processing).
     last_batch: Duration,
+    /// The vectors of the last batches, for the next.
+    spare: Spare,
 }
 
 impl LoopState {
@@ -368,6 +438,8 @@ where
     // The producer first: init_transactions fences any older producer with our
     // transactional id (a zombie of this instance) before we read a single record.
     let producer = TxProducer::create_and_init(&config)?;
+    // Topic names are validated (no patterns), so one name means one topic.
+    let single_topic = config.input_topics.len() == 1;
     let shared = Arc::new(Shared {
         processor,
         codec,
@@ -377,7 +449,10 @@ where
         state: Mutex::new(LoopState {
             producer,
             txn: None,
-            buffer: Buffer::default(),
+            buffer: Buffer {
+                single_topic,
+                ..Buffer::default()
+            },
             attempts: HashMap::new(),
             pending_seeks: BTreeMap::new(),
             paused: BTreeSet::new(),
@@ -390,6 +465,7 @@ where
             txn_started: None,
             per_record: None,
             last_batch: Duration::ZERO,
+            spare: Spare::default(),
         }),
     });
     let consumer: PipelineConsumer<P, C> =
@@ -748,10 +824,16 @@ where
             begin_txn(&mut st)?;
         }
         let share = st.per_partition_share(config.commit_interval);
-        let groups = st.buffer.take(n, share);
+        let LoopState {
+            txn,
+            attempts,
+            buffer,
+            spare,
+            ..
+        } = &mut *st;
+        let taken = buffer.take(n, share, spare);
         let mut prior: HashMap<(String, i32, i64), (u32, String)> = HashMap::new();
-        let LoopState { txn, attempts, .. } = &mut *st;
-        for (key, records) in &groups {
+        for (key, records) in &taken {
             if let (Some(txn), Some(first)) = (txn.as_mut(), records.first()) {
                 txn.rewind.entry(key.clone()).or_insert(first.offset());
             }
@@ -764,11 +846,16 @@ where
                 }
             }
         }
+        // Each run is processed with its own (spare) vectors for the outcomes and outputs.
+        let groups: Vec<Processed> = taken
+            .into_values()
+            .map(|records| (records, spare.outcomes(), spare.outputs()))
+            .collect();
         (groups, prior)
     };
 
     // Process: one task per partition, records of a partition strictly in order.
-    let longest = groups.values().map(Vec::len).max().unwrap_or(0);
+    let longest = groups.iter().map(|g| g.0.len()).max().unwrap_or(0);
     let processing_started = Instant::now();
     let prior = Arc::new(prior);
     let decode_failure = config.decode_failure;
@@ -783,22 +870,23 @@ where
     let results: Result<Vec<Processed>, String> = shared.runtime.block_on(async {
         if parallel {
             let handles: Vec<_> = groups
-                .into_values()
-                .map(|mut records| {
+                .into_iter()
+                .map(|(mut records, mut outcomes, mut emitted)| {
                     let processor = Arc::clone(&shared.processor);
                     let codec = Arc::clone(&shared.codec);
                     let prior = Arc::clone(&prior);
                     tokio::spawn(async move {
-                        let outcomes = process_partition(
+                        process_partition(
                             &*processor,
                             &*codec,
                             &mut records,
+                            (&mut outcomes, &mut emitted),
                             &prior,
                             max_attempts,
                             decode_failure,
                         )
                         .await;
-                        (records, outcomes.0, outcomes.1)
+                        (records, outcomes, emitted)
                     })
                 })
                 .collect();
@@ -808,22 +896,25 @@ where
             }
             Ok(results)
         } else {
-            let runs = groups.into_values().map(|mut records| {
-                let (prior, processor, codec) = (&prior, &*shared.processor, &*shared.codec);
-                std::panic::AssertUnwindSafe(async move {
-                    let outcomes = process_partition(
-                        processor,
-                        codec,
-                        &mut records,
-                        prior,
-                        max_attempts,
-                        decode_failure,
-                    )
-                    .await;
-                    (records, outcomes.0, outcomes.1)
-                })
-                .catch_unwind()
-            });
+            let runs = groups
+                .into_iter()
+                .map(|(mut records, mut outcomes, mut emitted)| {
+                    let (prior, processor, codec) = (&prior, &*shared.processor, &*shared.codec);
+                    std::panic::AssertUnwindSafe(async move {
+                        process_partition(
+                            processor,
+                            codec,
+                            &mut records,
+                            (&mut outcomes, &mut emitted),
+                            prior,
+                            max_attempts,
+                            decode_failure,
+                        )
+                        .await;
+                        (records, outcomes, emitted)
+                    })
+                    .catch_unwind()
+                });
             futures::future::join_all(runs)
                 .await
                 .into_iter()
@@ -842,6 +933,7 @@ where
         producer,
         txn,
         attempts,
+        spare,
         ..
     } = &mut *guard;
     let Some(txn) = txn.as_mut() else {
@@ -849,13 +941,13 @@ where
             "the transaction disappeared while its records were processed".into(),
         )));
     };
-    for (records, outcomes, emitted) in results {
-        let mut emitted = emitted.into_iter();
+    for (records, mut outcomes, mut outputs) in results {
+        let mut emitted = outputs.drain(..);
         // The partition's next offset is recorded once per run of records, not per record
         // (building the key allocates); every early return below ends in an abort, which
         // discards it anyway.
         let mut next_offset = None;
-        for (message, outcome) in records.iter().zip(outcomes) {
+        for (message, outcome) in records.iter().zip(outcomes.drain(..)) {
             match outcome {
                 Outcome::Emit(count) => {
                     let source = config.stamp_source.then(|| {
@@ -947,10 +1039,12 @@ where
                 }
             }
         }
+        drop(emitted);
         if let (Some(next), Some(first)) = (next_offset, records.first()) {
             txn.next
                 .insert((first.topic().to_owned(), first.partition()), next);
         }
+        spare.keep(records, outcomes, outputs);
     }
     Ok(())
 }
@@ -1001,18 +1095,19 @@ async fn process_partition<P, C>(
     processor: &P,
     codec: &C,
     records: &mut [Polled],
+    (outcomes, emitted): (&mut Vec<Outcome>, &mut Vec<OutputRecord>),
     prior: &HashMap<(String, i32, i64), (u32, String)>,
     max_attempts: u32,
     decode_failure: DecodeFailure,
-) -> (Vec<Outcome>, Vec<OutputRecord>)
-where
+) where
     P: Processor,
     C: Codec<P::Input>,
 {
-    let mut outcomes = Vec::with_capacity(records.len());
-    // Every record's outputs are moved into one vector, and the `Output` handed to the
-    // processor is reused: no allocation per record for them.
-    let mut emitted = Vec::with_capacity(records.len());
+    // `outcomes` and `emitted` come empty (reused from earlier batches). Every record's
+    // outputs are moved into `emitted`, and the `Output` handed to the processor is reused: no
+    // allocation per record for them.
+    outcomes.reserve(records.len());
+    emitted.reserve(records.len());
     let mut out = Output::default();
     for m in records.iter_mut() {
         // Records seen before (retried) are rare; skip the lookup, and the key it allocates,
@@ -1100,7 +1195,6 @@ where
             },
         }
     }
-    (outcomes, emitted)
 }
 
 /// Begins a transaction.
@@ -1459,10 +1553,14 @@ mod tests {
     use rdkafka::message::OwnedMessage;
 
     fn record(partition: i32, offset: i64, size: usize) -> OwnedMessage {
+        record_of("in", partition, offset, size)
+    }
+
+    fn record_of(topic: &str, partition: i32, offset: i64, size: usize) -> OwnedMessage {
         OwnedMessage::new(
             Some(vec![0; size]),
             None,
-            "in".to_owned(),
+            topic.to_owned(),
             Timestamp::NotAvailable,
             partition,
             offset,
@@ -1516,12 +1614,82 @@ mod tests {
             buffer.push_owned(&record(0, offset, 1));
             buffer.push_owned(&record(1, offset, 1));
         }
-        let taken = buffer.take(8, 500);
+        let taken = buffer.take(8, 500, &mut Spare::default());
         assert_eq!(taken.len(), 2);
         for records in taken.values() {
             let offsets: Vec<i64> = records.iter().map(Polled::offset).collect();
             assert_eq!(offsets, vec![0, 1, 2, 3]);
         }
         assert_eq!(buffer.len(), 12);
+    }
+
+    #[test]
+    fn the_same_partition_of_two_topics_is_queued_apart() {
+        let mut buffer = Buffer::default();
+        buffer.push_owned(&record_of("orders", 0, 7, 1));
+        buffer.push_owned(&record_of("payments", 0, 3, 1));
+        buffer.push_owned(&record_of("orders", 0, 8, 1));
+        let taken = buffer.take(10, 10, &mut Spare::default());
+        let offsets = |t: &str| -> Vec<i64> {
+            taken[&(t.to_owned(), 0)]
+                .iter()
+                .map(|m| {
+                    assert_eq!(m.topic(), t);
+                    m.offset()
+                })
+                .collect()
+        };
+        assert_eq!(offsets("orders"), vec![7, 8]);
+        assert_eq!(offsets("payments"), vec![3]);
+    }
+
+    #[test]
+    fn a_single_topic_buffer_queues_by_partition() {
+        let mut buffer = Buffer {
+            single_topic: true,
+            ..Buffer::default()
+        };
+        for offset in 0..3 {
+            buffer.push_owned(&record(0, offset, 1));
+            buffer.push_owned(&record(1, offset, 1));
+        }
+        let taken = buffer.take(10, 10, &mut Spare::default());
+        assert_eq!(taken.len(), 2);
+        assert!(taken.values().all(|run| run.len() == 3));
+    }
+
+    #[test]
+    fn spare_vectors_come_back_empty_and_keep_their_allocation() {
+        let mut spare = Spare::default();
+        let mut buffer = Buffer::default();
+        for offset in 0..100 {
+            buffer.push_owned(&record(0, offset, 1));
+        }
+        let mut taken = buffer.take(100, 100, &mut spare);
+        let Some(run) = taken.remove(&("in".to_owned(), 0)) else {
+            panic!("partition 0 was not taken");
+        };
+        let (records_at, capacity) = (run.as_ptr(), run.capacity());
+        spare.keep(run, Vec::with_capacity(100), Vec::new());
+        let again = spare.records();
+        assert!(again.is_empty());
+        assert_eq!((again.as_ptr(), again.capacity()), (records_at, capacity));
+        assert!(spare.outcomes().capacity() >= 100);
+    }
+
+    #[test]
+    fn spares_are_bounded_in_number_and_size() {
+        let mut spare = Spare::default();
+        for _ in 0..MAX_SPARE + 5 {
+            spare.keep(Vec::with_capacity(1), Vec::new(), Vec::new());
+        }
+        assert_eq!(spare.records.len(), MAX_SPARE);
+        let mut spare = Spare::default();
+        spare.keep(
+            Vec::new(),
+            Vec::new(),
+            Vec::with_capacity(MAX_SPARE_CAPACITY + 1),
+        );
+        assert!(spare.outputs.is_empty());
     }
 }
