@@ -51,6 +51,9 @@ pub const MODES: [&str; 7] = [
 /// The row every other is compared with.
 pub const REFERENCE: &str = "onceflow-100ms";
 
+/// The extra mode `--baseline` adds: the reference mode, run by another build of this harness.
+pub const BASELINE_MODE: &str = "onceflow-100ms-baseline";
+
 #[derive(Debug, Parser)]
 #[command(about = "onceflow side by side with the ceiling, at-least-once and Kafka Streams")]
 struct Args {
@@ -91,6 +94,12 @@ struct Args {
     /// `--markdown-out`); runs nothing.
     #[arg(long, value_name = "RESULTS_JSON")]
     render: Option<String>,
+    /// Another build of this harness (typically of the commit before a change), whose
+    /// `onceflow-100ms` worker runs as the extra mode `onceflow-100ms-baseline`: side by side
+    /// with this build's, on the same broker and input, in the same run. The way to measure a
+    /// change to the runtime, where runs on different days or hosts do not compare.
+    #[arg(long, value_name = "HARNESS_BINARY")]
+    baseline: Option<std::path::PathBuf>,
     /// Internal: run one Rust mode (MODE BOOTSTRAP INPUT OUTPUT GROUP).
     #[arg(long, hide = true, num_args = 5)]
     worker: Option<Vec<String>>,
@@ -130,7 +139,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(&args.markdown_out, md)?;
         return Ok(());
     }
-    let modes = if args.modes.is_empty() {
+    let mut modes: Vec<String> = if args.modes.is_empty() {
         MODES.iter().map(|m| (*m).to_owned()).collect()
     } else {
         for m in &args.modes {
@@ -140,6 +149,17 @@ async fn main() -> anyhow::Result<()> {
         }
         args.modes.clone()
     };
+    if let Some(baseline) = &args.baseline {
+        if !baseline.is_file() {
+            bail!(
+                "--baseline {}: no such file (build the other commit's harness with \
+                 `cargo build --release -p onceflow-bench` and pass its \
+                 target/release/onceflow-bench)",
+                baseline.display()
+            );
+        }
+        modes.push(BASELINE_MODE.to_owned());
+    }
     let plan = if args.quick {
         Plan {
             records: 20_000,
@@ -174,6 +194,7 @@ async fn main() -> anyhow::Result<()> {
     let bench = Bench {
         kafka: &kafka,
         kstreams: kstreams.as_ref(),
+        baseline: args.baseline.as_deref(),
         run: std::process::id(),
     };
 
@@ -265,6 +286,8 @@ async fn main() -> anyhow::Result<()> {
 struct Bench<'a> {
     kafka: &'a Kafka,
     kstreams: Option<&'a KStreamsApp>,
+    /// The other build `--baseline` names.
+    baseline: Option<&'a std::path::Path>,
     run: u32,
 }
 
@@ -282,6 +305,14 @@ impl Bench<'_> {
                     "at_least_once"
                 };
                 app.command(guarantee, bootstrap, input, output, group)
+            }
+            BASELINE_MODE => {
+                let Some(binary) = self.baseline else {
+                    bail!("{BASELINE_MODE} runs only with --baseline");
+                };
+                let mut c = std::process::Command::new(binary);
+                c.args(["--worker", REFERENCE, bootstrap, input, output, group]);
+                c
             }
             _ => {
                 let mut c = std::process::Command::new(std::env::current_exe()?);

@@ -116,6 +116,17 @@ pub fn machine() -> String {
     )
 }
 
+/// Where a mode's row goes in a table: in the order of [`crate::MODES`], with the
+/// `--baseline` row right after the row it is the baseline of.
+fn mode_order(mode: &str) -> usize {
+    let at = |m: &str| crate::MODES.iter().position(|x| *x == m);
+    match at(mode) {
+        Some(i) => 2 * i,
+        None if mode == crate::BASELINE_MODE => at(REFERENCE).map_or(usize::MAX, |i| 2 * i + 1),
+        None => usize::MAX,
+    }
+}
+
 /// The markdown tables: per value size, throughput (medians, ratios) and latency.
 pub fn markdown(res: &Results) -> String {
     let mut out = String::new();
@@ -147,7 +158,7 @@ pub fn markdown(res: &Results) -> String {
                 modes.push(&r.mode);
             }
         }
-        modes.sort_by_key(|m| crate::MODES.iter().position(|x| x == m));
+        modes.sort_by_key(|m| mode_order(m));
         let reference = median_throughput(&res.throughput, REFERENCE, size);
         let reference_rss = median(
             runs(&res.throughput, REFERENCE, size)
@@ -204,7 +215,7 @@ pub fn markdown(res: &Results) -> String {
             );
             let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
             let mut lat = lat.clone();
-            lat.sort_by_key(|l| crate::MODES.iter().position(|x| *x == l.mode));
+            lat.sort_by_key(|l| mode_order(&l.mode));
             for l in lat {
                 let _ = writeln!(
                     out,
@@ -244,6 +255,16 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn the_baseline_row_follows_its_reference() {
+        let mut modes = vec![crate::BASELINE_MODE, "kstreams-alo", REFERENCE, "ceiling"];
+        modes.sort_by_key(|m| mode_order(m));
+        assert_eq!(
+            modes,
+            vec!["ceiling", REFERENCE, crate::BASELINE_MODE, "kstreams-alo"]
+        );
     }
 
     #[test]
