@@ -230,12 +230,13 @@ pub(crate) struct Spare {
     outputs: Vec<Vec<OutputRecord>>,
 }
 
-/// At most this many vectors of each kind are kept: one per partition a batch can touch is
-/// the most a batch needs back.
-const MAX_SPARE: usize = 64;
+/// At most this many vectors of each kind are kept (a batch needs one of each per partition it
+/// takes records from; a batch over more partitions allocates the rest, as before).
+const MAX_SPARE: usize = 16;
 /// A vector that grew past this many elements (a processor that fans one record out into many
-/// outputs) is freed rather than kept, so the spares stay small.
-const MAX_SPARE_CAPACITY: usize = 4 * MAX_PER_PARTITION;
+/// outputs) is freed rather than kept. With [`MAX_SPARE`], what is kept stays around 2 MiB at
+/// the most, small beside the buffer's [`MAX_BUFFERED_BYTES`].
+const MAX_SPARE_CAPACITY: usize = MAX_PER_PARTITION;
 
 impl Spare {
     fn records(&mut self) -> Vec<Polled> {
