@@ -201,6 +201,9 @@ impl Buffer {
             let n = q.records.len().min(share).min(left);
             if n > 0 {
                 let mut records = spare.records();
+                // Exactly: amortized growth (doubling) would push a reused vector past
+                // `MAX_SPARE_CAPACITY` and get it freed rather than kept.
+                records.reserve_exact(n);
                 records.extend(q.records.drain(..n));
                 left -= n;
                 self.len -= n;
@@ -1107,8 +1110,8 @@ async fn process_partition<P, C>(
     // `outcomes` and `emitted` come empty (reused from earlier batches). Every record's
     // outputs are moved into `emitted`, and the `Output` handed to the processor is reused: no
     // allocation per record for them.
-    outcomes.reserve(records.len());
-    emitted.reserve(records.len());
+    outcomes.reserve_exact(records.len());
+    emitted.reserve_exact(records.len());
     let mut out = Output::default();
     for m in records.iter_mut() {
         // Records seen before (retried) are rare; skip the lookup, and the key it allocates,
@@ -1676,6 +1679,24 @@ mod tests {
         assert!(again.is_empty());
         assert_eq!((again.as_ptr(), again.capacity()), (records_at, capacity));
         assert!(spare.outcomes().capacity() >= 100);
+    }
+
+    #[test]
+    fn a_reused_vector_grows_only_to_what_a_run_needs() {
+        let mut spare = Spare::default();
+        spare.keep(Vec::with_capacity(300), Vec::new(), Vec::new());
+        let mut buffer = Buffer::default();
+        for offset in 0..i64::try_from(MAX_SPARE_CAPACITY).unwrap_or(i64::MAX) {
+            buffer.push_owned(&record(0, offset, 1));
+        }
+        let mut taken = buffer.take(MAX_SPARE_CAPACITY, MAX_SPARE_CAPACITY, &mut spare);
+        let Some(run) = taken.remove(&("in".to_owned(), 0)) else {
+            panic!("partition 0 was not taken");
+        };
+        assert_eq!(run.len(), MAX_SPARE_CAPACITY);
+        assert!(run.capacity() <= MAX_SPARE_CAPACITY, "{}", run.capacity());
+        spare.keep(run, Vec::new(), Vec::new());
+        assert_eq!(spare.records.len(), 1, "the grown vector is kept");
     }
 
     #[test]
