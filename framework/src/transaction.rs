@@ -1492,6 +1492,31 @@ fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) ->
 /// it was prepared, completes) whatever the old one left open. Then every assigned partition is
 /// rewound to the offset the broker has **committed** — not to the in-memory rewind points,
 /// which would duplicate a commit whose outcome was unknown and turned out committed.
+/// Where each assigned partition resumes after the producer is replaced: its committed offset
+/// (read with `read_committed`, so the last commit is in it), or — where the group has
+/// committed nothing for it yet — the first offset this instance held in memory for it
+/// (`rewind_points`: the open transaction's rewind points and the first buffered records).
+///
+/// Why the fallback must cover the buffer too: replacing the producer empties the buffer, and
+/// a partition with nothing committed whose records were buffered but not yet taken into a
+/// transaction (a producer that failed in `begin_transaction` leaves exactly that) would
+/// otherwise resume where the consumer had fetched to, past the dropped records — and the next
+/// commit would skip them. The broker-bounce chaos test lost 4,330 records that way.
+/// A partition with neither is untouched: nothing of it was dropped.
+fn recovery_seeks(
+    committed: &[(Key, Option<i64>)],
+    rewind_points: &BTreeMap<Key, i64>,
+) -> BTreeMap<Key, i64> {
+    committed
+        .iter()
+        .filter_map(|(key, offset)| {
+            offset
+                .or_else(|| rewind_points.get(key).copied())
+                .map(|o| (key.clone(), o))
+        })
+        .collect()
+}
+
 fn replace_producer<P, C>(
     shared: &Arc<Shared<P, C>>,
     consumer: &PipelineConsumer<P, C>,
@@ -1518,23 +1543,26 @@ where
     let committed = consumer
         .committed_offsets(assignment, Duration::from_secs(30))
         .map_err(|e| Error::kafka("fetching the committed offsets", e))?;
+    let committed: Vec<(Key, Option<i64>)> = committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            ((e.topic().to_owned(), e.partition()), offset)
+        })
+        .collect();
     let (old, partitions) = {
         let mut st = shared.state();
         let old = std::mem::replace(&mut st.producer, fresh);
         let txn = st.txn.take();
+        // Every record this instance holds or has taken since its last commit — the open
+        // transaction's and the buffer's, which `rewind` empties — must be read again.
         let in_memory = rewind(&mut st, txn.as_ref());
-        st.pending_seeks.clear();
-        for e in committed.elements() {
-            let key = (e.topic().to_owned(), e.partition());
-            let target = match e.offset() {
-                rdkafka::Offset::Offset(o) => Some(o),
-                // Nothing committed yet: back to where this instance started reading it.
-                _ => txn.as_ref().and_then(|t| t.rewind.get(&key).copied()),
-            };
-            if let Some(o) = target {
-                st.pending_seeks.insert(key, o);
-            }
-        }
+        let rewind_points = std::mem::take(&mut st.pending_seeks);
+        st.pending_seeks = recovery_seeks(&committed, &rewind_points);
         st.summary.transactions_aborted += u64::from(txn.is_some());
         st.summary.producer_recoveries += 1;
         st.producer_recoveries_in_row += 1;
@@ -1679,6 +1707,31 @@ mod tests {
         assert!(again.is_empty());
         assert_eq!((again.as_ptr(), again.capacity()), (records_at, capacity));
         assert!(spare.outcomes().capacity() >= 100);
+    }
+
+    #[test]
+    fn a_replaced_producer_resumes_uncommitted_partitions_at_their_first_held_record() {
+        let key = |p: i32| ("in".to_owned(), p);
+        // Partition 0: committed at 120. Partition 1: nothing committed, records buffered from
+        // offset 0 (the case that lost records). Partition 2: nothing committed, nothing held.
+        let committed = vec![(key(0), Some(120)), (key(1), None), (key(2), None)];
+        let mut buffer = Buffer::default();
+        for offset in 0..5 {
+            buffer.push_owned(&record(1, offset, 1));
+        }
+        buffer.push_owned(&record(0, 130, 1));
+        let mut st_points = BTreeMap::new();
+        for (k, first) in buffer.drain_first_offsets() {
+            st_points.insert(k, first);
+        }
+        let seeks = recovery_seeks(&committed, &st_points);
+        assert_eq!(seeks.get(&key(0)), Some(&120), "the committed offset wins");
+        assert_eq!(
+            seeks.get(&key(1)),
+            Some(&0),
+            "back to the first buffered record"
+        );
+        assert_eq!(seeks.get(&key(2)), None, "nothing held, nothing to rewind");
     }
 
     #[test]
