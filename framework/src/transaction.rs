@@ -255,21 +255,16 @@ impl Spare {
     }
 
     /// Takes back one partition run's vectors, emptied.
-    fn keep(
-        &mut self,
-        mut records: Vec<Polled>,
-        mut outcomes: Vec<Outcome>,
-        mut outputs: Vec<OutputRecord>,
-    ) {
-        fn put<T>(pool: &mut Vec<Vec<T>>, v: &mut Vec<T>) {
+    fn keep(&mut self, records: Vec<Polled>, outcomes: Vec<Outcome>, outputs: Vec<OutputRecord>) {
+        fn put<T>(pool: &mut Vec<Vec<T>>, mut v: Vec<T>) {
             v.clear();
             if pool.len() < MAX_SPARE && v.capacity() <= MAX_SPARE_CAPACITY {
-                pool.push(std::mem::take(v));
+                pool.push(v);
             }
         }
-        put(&mut self.records, &mut records);
-        put(&mut self.outcomes, &mut outcomes);
-        put(&mut self.outputs, &mut outputs);
+        put(&mut self.records, records);
+        put(&mut self.outcomes, outcomes);
+        put(&mut self.outputs, outputs);
     }
 }
 
@@ -1720,11 +1715,7 @@ mod tests {
             buffer.push_owned(&record(1, offset, 1));
         }
         buffer.push_owned(&record(0, 130, 1));
-        let mut st_points = BTreeMap::new();
-        for (k, first) in buffer.drain_first_offsets() {
-            st_points.insert(k, first);
-        }
-        let seeks = recovery_seeks(&committed, &st_points);
+        let seeks = recovery_seeks(&committed, &buffer.drain_first_offsets());
         assert_eq!(seeks.get(&key(0)), Some(&120), "the committed offset wins");
         assert_eq!(
             seeks.get(&key(1)),
