@@ -118,6 +118,22 @@ pub enum Error {
         source: KafkaError,
     },
 
+    /// A transactional call did not return, long past its own timeout: librdkafka lost track
+    /// of it. The producer cannot be used again (librdkafka refuses every other transactional
+    /// call while one is in progress), so the runtime replaces it, which aborts its
+    /// transaction, and processes the records since the last commit again.
+    #[error(
+        "{operation} did not return within {waited:?}, past its own timeout: librdkafka lost \
+         track of the call (known to happen while a coordinator's broker restarts, \
+         confluentinc/librdkafka#5456 and #5511); this producer cannot be used again"
+    )]
+    ProducerHung {
+        /// The operation.
+        operation: &'static str,
+        /// How long it was waited for.
+        waited: Duration,
+    },
+
     /// The cluster did not answer.
     #[error(
         "cannot reach Kafka at {bootstrap_servers}: {source}. Check the address, that the \
@@ -159,6 +175,7 @@ impl Error {
             | Self::Processor { .. }
             | Self::NoDeadLetterTopic { .. }
             | Self::Unresolved { .. }
+            | Self::ProducerHung { .. }
             | Self::Unreachable { .. }
             | Self::MissingTopic { .. }
             | Self::Interrupted

@@ -15,6 +15,8 @@
 )]
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -36,6 +38,11 @@ use crate::processor::OutputRecord;
 /// is never aborted after a retriable failure; it is retried until it resolves or this passes,
 /// and then the instance stops without aborting.
 const RETRY_WINDOW_FACTOR: u32 = 3;
+
+/// How long past its own timeout a watched call may take before the producer is given up as
+/// hung (see [`watched`]). librdkafka enforces a call's timeout on its own threads and returns
+/// shortly after it; this margin only has to cover a slow machine's scheduling.
+const HUNG_GRACE: Duration = Duration::from_secs(10);
 
 /// Logs delivery failures. Inside a transaction any one of them makes the commit fail as
 /// abortable, so the transaction loop learns of them there; this is for the log.
@@ -87,7 +94,8 @@ pub(crate) struct SendRejected(pub(crate) KafkaError);
 
 /// The instance's transactional producer.
 pub(crate) struct TxProducer {
-    inner: ThreadedProducer<DeliveryContext>,
+    /// Shared only with a [`watched`] call's thread, which drops its handle before it reports.
+    inner: Arc<ThreadedProducer<DeliveryContext>>,
     transactional_id: String,
     call_timeout: Duration,
 }
@@ -151,7 +159,7 @@ impl TxProducer {
             .create_with_context(DeliveryContext)
             .map_err(|e| Error::kafka("creating the transactional producer", e))?;
         let producer = Self {
-            inner,
+            inner: Arc::new(inner),
             transactional_id,
             call_timeout: config.transaction_timeout,
         };
@@ -234,19 +242,31 @@ impl TxProducer {
     /// Adds the consumed offsets to the transaction. `group` must be the consumer's
     /// **current** group metadata (KIP-447): a stale generation fails as abortable, which is
     /// how an instance that lost its partitions is kept from committing for them.
+    ///
+    /// The call is [`watched`]: librdkafka (2.12.1) does not enforce this call's timeout while
+    /// it waits for the group coordinator, and waits for ever when the cached coordinator's
+    /// broker is gone and no broker changes state again (confluentinc/librdkafka#5456 and
+    /// #5511). The broker-bounce chaos test caught exactly that: the worker thread parked in
+    /// `rd_kafka_send_offsets_to_transaction` with every broker back up, and the pipeline
+    /// silent for good. Past the timeout and [`HUNG_GRACE`] this returns
+    /// [`Error::ProducerHung`], and the transaction loop replaces the producer.
     pub(crate) fn send_offsets(
         &self,
         offsets: &BTreeMap<(String, i32), i64>,
-        group: &ConsumerGroupMetadata,
+        group: ConsumerGroupMetadata,
     ) -> Result<(), Error> {
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), next) in offsets {
             tpl.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(*next))
                 .map_err(|e| Error::kafka("building the offsets to commit", e))?;
         }
+        let call = Arc::new((tpl, group));
         self.retrying("send_offsets_to_transaction", |p| {
-            p.inner
-                .send_offsets_to_transaction(&tpl, group, p.call_timeout)
+            let (inner, call, timeout) = (Arc::clone(&p.inner), Arc::clone(&call), p.call_timeout);
+            watched(timeout + HUNG_GRACE, move || {
+                inner.send_offsets_to_transaction(&call.0, &call.1, timeout)
+            })?
+            .map_err(CallError::Kafka)
         })
     }
 
@@ -300,31 +320,38 @@ impl TxProducer {
         clippy::disallowed_methods,
         reason = "runs on the pipeline's worker thread, never on the async executor"
     )]
-    fn retrying(
+    fn retrying<E: Into<CallError>>(
         &self,
         operation: &'static str,
-        op: impl Fn(&Self) -> Result<(), KafkaError>,
+        op: impl Fn(&Self) -> Result<(), E>,
     ) -> Result<(), Error> {
         let started = Instant::now();
         let window = self.call_timeout * RETRY_WINDOW_FACTOR;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match op(self) {
+            let e = match op(self).map_err(Into::into) {
                 Ok(()) => return Ok(()),
-                Err(e) if classify(&e) == ErrorClass::Retriable => {
-                    if started.elapsed() >= window {
-                        return Err(Error::Unresolved {
-                            operation,
-                            waited: started.elapsed(),
-                            source: e,
-                        });
-                    }
-                    tracing::warn!(operation, error = %e, "retriable transaction error; calling again");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                Err(CallError::Kafka(e)) => e,
+                Err(CallError::Hung(waited)) => {
+                    return Err(Error::ProducerHung { operation, waited });
                 }
-                Err(e) => return Err(self.error(operation, e)),
+                Err(CallError::Thread(e)) => {
+                    return Err(Error::Worker(format!("{operation}: {e}")));
+                }
+            };
+            if classify(&e) != ErrorClass::Retriable {
+                return Err(self.error(operation, e));
             }
+            if started.elapsed() >= window {
+                return Err(Error::Unresolved {
+                    operation,
+                    waited: started.elapsed(),
+                    source: e,
+                });
+            }
+            tracing::warn!(operation, error = %e, "retriable transaction error; calling again");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -340,9 +367,138 @@ impl TxProducer {
     }
 }
 
+/// Why a producer call did not succeed.
+#[derive(Debug)]
+enum CallError {
+    /// librdkafka returned this error.
+    Kafka(KafkaError),
+    /// The call did not return within this long (see [`watched`]).
+    Hung(Duration),
+    /// The thread of a watched call could not be started, or ended without a result.
+    Thread(String),
+}
+
+impl From<KafkaError> for CallError {
+    fn from(e: KafkaError) -> Self {
+        Self::Kafka(e)
+    }
+}
+
+/// Runs `call` on a thread of its own and waits at most `limit` for it.
+///
+/// For a librdkafka call that may never return (see [`TxProducer::send_offsets`]). Past
+/// `limit` the caller goes on without it: the thread stays parked in librdkafka, holding its
+/// own handle to the producer, and finishes (dropping that handle, which destroys the producer
+/// if it is the last) if librdkafka ever answers. Nothing it does can then harm the output: the
+/// caller replaces the producer, and the new one's `init_transactions` fences the old epoch and
+/// aborts its transaction. A thread per call costs tens of microseconds, once per commit.
+fn watched<T: Send + 'static>(
+    limit: Duration,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CallError> {
+    let started = Instant::now();
+    let (tx, rx) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("onceflow-txn-call".into())
+        // The call only waits on a condition variable inside librdkafka.
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            let result = call();
+            // The caller may have given up waiting; then nobody wants the result.
+            let _ = tx.send(result);
+        })
+        .map_err(|e| CallError::Thread(format!("could not start its thread: {e}")))?;
+    match rx.recv_timeout(limit) {
+        Ok(result) => Ok(result),
+        Err(RecvTimeoutError::Timeout) => Err(CallError::Hung(started.elapsed())),
+        Err(RecvTimeoutError::Disconnected) => {
+            Err(CallError::Thread("its thread panicked".to_owned()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::mocking::{MockCluster, MockCoordinator};
+
+    #[test]
+    fn a_watched_call_returns_its_result_or_is_given_up_after_the_limit() {
+        let quick = watched(Duration::from_secs(5), || 7);
+        assert!(matches!(quick, Ok(7)));
+
+        let (release, parked) = mpsc::channel::<()>();
+        let started = Instant::now();
+        let stuck = watched(Duration::from_millis(200), move || parked.recv().is_ok());
+        assert!(
+            matches!(stuck, Err(CallError::Hung(waited)) if waited >= Duration::from_millis(200)),
+            "{stuck:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The abandoned thread finishes once its call returns.
+        drop(release);
+
+        let panicked = watched(Duration::from_secs(5), || panic!("inside the call"));
+        assert!(
+            matches!(panicked, Err(CallError::Thread(_))),
+            "{panicked:?}"
+        );
+    }
+
+    /// librdkafka's mock cluster, used only to inject the fault: the group coordinator's broker
+    /// goes down in the middle of a transaction. librdkafka 2.12.1 then never answers
+    /// `send_offsets_to_transaction` (confluentinc/librdkafka#5456); without the watchdog this
+    /// test hangs instead of failing.
+    #[test]
+    fn send_offsets_that_librdkafka_never_answers_fails_as_hung_not_for_ever()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(3)?;
+        let app = "hung-send-offsets";
+        let config = PipelineConfig::builder()
+            .bootstrap_servers(mock.bootstrap_servers())
+            .application_id(app)
+            .instance_id("0")
+            .input_topic("in")
+            .transaction_timeout(Duration::from_secs(2))
+            .build()?;
+        mock.create_topic("in", 1, 3)?;
+        mock.coordinator(MockCoordinator::Transaction(config.transactional_id()), 1)?;
+        mock.coordinator(MockCoordinator::Group(app.to_owned()), 2)?;
+
+        let producer = TxProducer::create_and_init(&config)?;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", app)
+            .create()?;
+        let group = consumer.group_metadata().ok_or("no group metadata")?;
+        producer.begin()?;
+        mock.broker_down(2)?;
+
+        let started = Instant::now();
+        let offsets = BTreeMap::from([(("in".to_owned(), 0), 42)]);
+        let result = producer.send_offsets(&offsets, group);
+        let waited = started.elapsed();
+        assert!(
+            matches!(
+                result,
+                Err(Error::ProducerHung {
+                    operation: "send_offsets_to_transaction",
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+        assert!(waited >= Duration::from_secs(2) + HUNG_GRACE, "{waited:?}");
+        assert!(
+            waited < Duration::from_secs(2) + HUNG_GRACE * 2,
+            "{waited:?}"
+        );
+        // Let the abandoned call finish, so its thread ends with the test.
+        mock.broker_up(2)?;
+        Ok(())
+    }
 
     #[test]
     fn linger_is_a_fifth_of_the_commit_interval_within_bounds() {

@@ -1319,7 +1319,7 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
         let group: ConsumerGroupMetadata = consumer.group_metadata().ok_or_else(|| {
             Step::Stop(Error::Worker("the consumer has no group metadata".into()))
         })?;
-        st.producer.send_offsets(&txn.next, &group)?;
+        st.producer.send_offsets(&txn.next, group)?;
     }
     let offsets_sent = committing.elapsed();
     st.producer.commit()?;
@@ -1449,7 +1449,10 @@ where
             };
             if !recoverable {
                 let mut st = shared.state();
-                if st.txn.is_some() && !e.is_fenced() {
+                // A fenced producer's transaction was aborted by the broker; a hung one refuses
+                // every call until its stuck call returns, and its transaction is aborted by
+                // the next instance's `init_transactions`.
+                if st.txn.is_some() && !e.is_fenced() && !matches!(e, Error::ProducerHung { .. }) {
                     let _ = abort_open(&mut st, "the pipeline is stopping");
                 }
                 return Err(e);
@@ -1467,6 +1470,8 @@ where
 /// * Any other fatal producer error (e.g. `INVALID_TXN_STATE` from an abort after messages
 ///   timed out during a broker failover): this instance still owns its partitions — the
 ///   consumer group says so — so it takes a new producer epoch.
+/// * A call that never returned ([`Error::ProducerHung`]): the same, once the call has been
+///   waited for past its own timeout.
 fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) -> bool {
     match e {
         Error::Fenced { .. } => st
@@ -1479,6 +1484,8 @@ fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) ->
             source: rdkafka::error::KafkaError::Transaction(t),
             ..
         } => t.is_fatal(),
+        // The producer is stuck in a call librdkafka lost track of (see `ProducerHung`).
+        Error::ProducerHung { .. } => true,
         _ => false,
     }
 }
