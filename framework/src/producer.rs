@@ -286,26 +286,30 @@ impl TxProducer {
     /// waiting and then polls the producer's queue for up to 100 ms — but the delivery reports
     /// on that queue are served by the `ThreadedProducer`'s own thread, so the poll sleeps its
     /// full 100 ms. That added 100 ms to most commits (measured: `commit_call` ≈ 101–105 ms in
-    /// the `transaction committed` debug log, against 2–6 ms without it). Here each round asks
-    /// librdkafka to send lingering batches now and checks the count every millisecond.
+    /// the `transaction committed` debug log, against 2–6 ms without it).
+    ///
+    /// Why `rd_kafka_flush` itself, with the timeout: librdkafka sends lingering batches at once
+    /// only *while* a flush call is in progress (it counts flushing callers; its broker threads
+    /// ignore `linger.ms` while the count is not zero). A zero-timeout flush, the only kind
+    /// rust-rdkafka makes, is over before a broker thread wakes up, so the last batches of every
+    /// transaction waited out `linger.ms` (up to 20 ms) before the commit could go on. With
+    /// delivery reports as events, as rust-rdkafka configures them, the call just waits on a
+    /// condition variable until the `ThreadedProducer`'s thread has served every report.
     ///
     /// Only an optimisation: on a timeout it returns, and `commit_transaction` flushes with its
     /// own timeout and reports the outcome.
     #[expect(
-        clippy::disallowed_methods,
-        reason = "runs on the pipeline's worker thread, never on the async executor"
+        unsafe_code,
+        reason = "rust-rdkafka's flush never passes a timeout to rd_kafka_flush (see above)"
     )]
     fn wait_acknowledged(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            // A zero-timeout flush returns at once; it only wakes the broker threads to send
-            // what is lingering.
-            let _ = self.inner.flush(Duration::ZERO);
-            if self.inner.in_flight_count() == 0 || Instant::now() >= deadline {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let rk = self.inner.client().native_ptr();
+        // SAFETY: `rk` is the handle of the producer `self.inner` owns, alive for this call
+        // (librdkafka destroys it only when the last handle to the producer is dropped);
+        // `rd_kafka_flush` may be called from any application thread, concurrently with the
+        // thread that polls for delivery reports. Its result is read by `commit_transaction`.
+        let _ = unsafe { rdkafka::bindings::rd_kafka_flush(rk, timeout_ms) };
     }
 
     pub(crate) fn abort(&self) -> Result<(), Error> {
