@@ -102,7 +102,7 @@ mod tests {
     #[test]
     fn keeps_the_original_and_names_the_error() {
         let original = Polled {
-            payload: Some(b"{bad".to_vec()),
+            payload: Some(bytes::Bytes::from_static(b"{bad")),
             key: Some(b"user-1".to_vec()),
             topic: "orders".into(),
             timestamp: Timestamp::CreateTime(1_700_000_000_000),

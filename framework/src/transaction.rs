@@ -37,7 +37,7 @@ use rdkafka::message::{Headers as _, Message as _};
 use tokio::runtime::Handle;
 
 use crate::codec::Codec;
-use crate::consumer::Polled;
+use crate::consumer::{Polled, Values};
 use futures::FutureExt as _;
 
 use crate::config::{DecodeFailure, PipelineConfig};
@@ -92,10 +92,12 @@ pub(crate) struct Buffer {
     single_topic: bool,
 }
 
-/// One partition's buffered records, and the topic name they share.
+/// One partition's buffered records, the topic name they share and the blocks their values
+/// are copied into.
 struct Queue {
     topic: Arc<str>,
     records: VecDeque<Polled>,
+    values: Values,
 }
 
 impl Buffer {
@@ -147,9 +149,10 @@ impl Buffer {
                 .or_insert_with(|| Queue {
                     topic: Arc::from(m.topic()),
                     records: VecDeque::new(),
+                    values: Values::default(),
                 }),
         };
-        let record = Polled::copy_of(m, Arc::clone(&q.topic));
+        let record = Polled::copy_of(m, Arc::clone(&q.topic), &mut q.values);
         self.len += 1;
         self.bytes += record.size();
         q.records.push_back(record);
@@ -209,6 +212,9 @@ impl Buffer {
                 self.len -= n;
                 self.bytes -= records.iter().map(Polled::size).sum::<usize>();
                 taken.insert(k.clone(), records);
+                if q.records.is_empty() {
+                    q.values.release();
+                }
             }
         }
         // Drained queues stay (until their partition is revoked): they keep their capacity,
@@ -1675,6 +1681,34 @@ mod tests {
         };
         assert_eq!(offsets("orders"), vec![7, 8]);
         assert_eq!(offsets("payments"), vec![3]);
+    }
+
+    #[test]
+    fn a_drained_partition_lets_go_of_its_value_block() {
+        let mut buffer = Buffer {
+            single_topic: true,
+            ..Buffer::default()
+        };
+        let mut spare = Spare::default();
+        buffer.push_owned(&record(0, 0, 10));
+        buffer.push_owned(&record(0, 1, 10));
+        let first = buffer.take(1, 10, &mut spare);
+        let held = buffer.take(1, 10, &mut spare);
+        let first = &first[&("in".to_owned(), 0)][0];
+        let held = &held[&("in".to_owned(), 0)][0];
+        let (a, b) = (
+            first.payload().unwrap_or_default(),
+            held.payload().unwrap_or_default(),
+        );
+        // Consecutive values of a partition share a block...
+        assert_eq!(b.as_ptr(), a.as_ptr().wrapping_add(a.len()));
+        // ...until its queue drains: then the next value starts a new block.
+        buffer.push_owned(&record(0, 2, 10));
+        let after = buffer.take(1, 10, &mut spare);
+        let c = after[&("in".to_owned(), 0)][0]
+            .payload()
+            .unwrap_or_default();
+        assert_ne!(c.as_ptr(), b.as_ptr().wrapping_add(b.len()));
     }
 
     #[test]
