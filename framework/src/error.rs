@@ -134,6 +134,20 @@ pub enum Error {
         waited: Duration,
     },
 
+    /// A transaction was aborted after librdkafka gave up on records it had already sent (the
+    /// broker may have written them). The producer's sequence numbers can no longer be trusted
+    /// in its current epoch, so the runtime replaces it (see `TxProducer::abort` in the
+    /// producer side).
+    #[error(
+        "the transaction was aborted with {records} record(s) that were sent but never \
+         acknowledged; this producer's next sequence numbers may collide with them in the log, \
+         so it must not be used for another transaction"
+    )]
+    UnsafeAfterAbort {
+        /// How many records were sent but never acknowledged.
+        records: u64,
+    },
+
     /// The cluster did not answer.
     #[error(
         "cannot reach Kafka at {bootstrap_servers}: {source}. Check the address, that the \
@@ -176,6 +190,7 @@ impl Error {
             | Self::NoDeadLetterTopic { .. }
             | Self::Unresolved { .. }
             | Self::ProducerHung { .. }
+            | Self::UnsafeAfterAbort { .. }
             | Self::Unreachable { .. }
             | Self::MissingTopic { .. }
             | Self::Interrupted

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -44,10 +45,16 @@ const RETRY_WINDOW_FACTOR: u32 = 3;
 /// shortly after it; this margin only has to cover a slow machine's scheduling.
 const HUNG_GRACE: Duration = Duration::from_secs(10);
 
-/// Logs delivery failures. Inside a transaction any one of them makes the commit fail as
-/// abortable, so the transaction loop learns of them there; this is for the log.
+/// Logs delivery failures, and counts those of records the broker may have written. Inside a
+/// transaction any failure makes the commit fail as abortable, so the transaction loop learns
+/// of them there; the count is what [`TxProducer::abort`] needs to know whether the producer
+/// may be used for another transaction.
 #[derive(Debug, Default)]
-pub(crate) struct DeliveryContext;
+pub(crate) struct DeliveryContext {
+    /// Records that failed or were purged after they had been sent, since the transaction
+    /// began.
+    possibly_written: AtomicU64,
+}
 
 impl ClientContext for DeliveryContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -60,6 +67,9 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
         if let Err((error, message)) = result {
+            if may_have_been_written(message) {
+                self.possibly_written.fetch_add(1, Ordering::Relaxed);
+            }
             // One line per record would flood the log when a whole transaction fails; the
             // abort that follows is logged once, with the cause.
             tracing::debug!(
@@ -69,6 +79,20 @@ impl ProducerContext for DeliveryContext {
             );
         }
     }
+}
+
+/// Whether librdkafka reports a failed record as possibly (or certainly) in the partition's log:
+/// it was sent, and its request failed in a way that leaves its fate unknown (a broker that
+/// died before answering, a timeout). rust-rdkafka does not expose the status.
+#[expect(
+    unsafe_code,
+    reason = "rust-rdkafka has no binding for rd_kafka_message_status"
+)]
+fn may_have_been_written(message: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+    // SAFETY: `message.ptr()` is the delivery report's message, valid while the report is being
+    // served (this callback); `rd_kafka_message_status` only reads its status field.
+    let status = unsafe { rdkafka::bindings::rd_kafka_message_status(message.ptr()) };
+    status != rdkafka::bindings::rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_NOT_PERSISTED
 }
 
 /// The producer's `linger.ms` unless the user sets one: a fifth of the commit interval, between
@@ -156,7 +180,7 @@ impl TxProducer {
         }
 
         let inner: ThreadedProducer<DeliveryContext> = cc
-            .create_with_context(DeliveryContext)
+            .create_with_context(DeliveryContext::default())
             .map_err(|e| Error::kafka("creating the transactional producer", e))?;
         let producer = Self {
             inner: Arc::new(inner),
@@ -171,6 +195,10 @@ impl TxProducer {
     }
 
     pub(crate) fn begin(&self) -> Result<(), Error> {
+        self.inner
+            .context()
+            .possibly_written
+            .store(0, Ordering::Relaxed);
         self.inner
             .begin_transaction()
             .map_err(|e| self.error("begin_transaction", e))
@@ -312,10 +340,37 @@ impl TxProducer {
         let _ = unsafe { rdkafka::bindings::rd_kafka_flush(rk, timeout_ms) };
     }
 
+    /// Aborts the open transaction. Fails with [`Error::UnsafeAfterAbort`] — after a
+    /// successful abort — when the producer must not be used for another transaction.
+    ///
+    /// Why: when a transaction fails, librdkafka (2.12.1) purges the records still queued in the
+    /// producer and advances each partition's sequence base past them
+    /// (`rd_kafka_toppar_purge_queues`), so the next transaction numbers its records from where
+    /// the purged ones began — in the same producer epoch. But a record queued for a *retry*
+    /// was already sent once and may be in the partition's log, its response lost to a broker
+    /// failure. The broker then takes the next transaction's records, which reuse those
+    /// sequence numbers, for duplicates: it acknowledges them without writing them, and the
+    /// next commit commits offsets for outputs that are not there. The broker-bounce chaos test
+    /// lost 500 records that way (the output partition's log held the aborted batch and, after
+    /// it, only the commit marker of the next transaction, whose batch had the same epoch and
+    /// sequences 0–499). The delivery reports, all served before `abort_transaction` returns,
+    /// count the failed or purged records librdkafka marks as possibly written; if there are
+    /// any, a new producer — whose `init_transactions` bumps the epoch — takes over. Records
+    /// purged before they were ever sent (the usual abort, after a processor's `retry`) are
+    /// harmless, and keep the producer.
     pub(crate) fn abort(&self) -> Result<(), Error> {
         self.retrying("abort_transaction", |p| {
             p.inner.abort_transaction(p.call_timeout)
-        })
+        })?;
+        match self
+            .inner
+            .context()
+            .possibly_written
+            .swap(0, Ordering::Relaxed)
+        {
+            0 => Ok(()),
+            records => Err(Error::UnsafeAfterAbort { records }),
+        }
     }
 
     /// Calls `op` until it succeeds or fails with a non-retriable error, or the retry window
@@ -449,6 +504,74 @@ mod tests {
             matches!(panicked, Err(CallError::Thread(_))),
             "{panicked:?}"
         );
+    }
+
+    /// A producer on a one-broker mock cluster (fault injection only) whose retries wait 5 s, so
+    /// that a record whose first produce request failed sits in the queue, sent once, when the
+    /// test aborts.
+    fn producer_with_slow_retries(
+        mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        app: &str,
+    ) -> Result<TxProducer, Box<dyn std::error::Error>> {
+        mock.create_topic("out", 1, 1)?;
+        let config = PipelineConfig::builder()
+            .bootstrap_servers(mock.bootstrap_servers())
+            .application_id(app)
+            .instance_id("0")
+            .input_topic("in")
+            .transaction_timeout(Duration::from_secs(30))
+            .producer_property("linger.ms", "0")
+            .producer_property("retry.backoff.ms", "5000")
+            .producer_property("retry.backoff.max.ms", "5000")
+            .build()?;
+        Ok(TxProducer::create_and_init(&config)?)
+    }
+
+    fn send_some(producer: &TxProducer) -> Result<(), Box<dyn std::error::Error>> {
+        for i in 0..10u8 {
+            let record = OutputRecord::to("out").value(vec![i]);
+            producer.send(&record, None, None).map_err(|e| e.0)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_abort_after_records_were_sent_but_not_acknowledged_retires_the_producer()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(1)?;
+        let producer = producer_with_slow_retries(&mock, "unsafe-after-abort")?;
+        producer.begin()?;
+        // The first produce request "times out" at the broker: the records may be in the log,
+        // and librdkafka queues them for a retry in 5 s.
+        mock.request_errors(
+            rdkafka::types::RDKafkaApiKey::Produce,
+            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT],
+        );
+        send_some(&producer)?;
+        #[expect(clippy::disallowed_methods, reason = "a plain test thread")]
+        std::thread::sleep(Duration::from_secs(1));
+        let result = producer.abort();
+        assert!(
+            matches!(result, Err(Error::UnsafeAfterAbort { records: 10 })),
+            "{result:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn an_abort_of_records_never_sent_keeps_the_producer() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let mock = MockCluster::new(1)?;
+        let producer = producer_with_slow_retries(&mock, "safe-abort")?;
+        producer.begin()?;
+        send_some(&producer)?;
+        producer.abort()?;
+        // And again, after the records of a transaction were acknowledged.
+        producer.begin()?;
+        send_some(&producer)?;
+        producer.wait_acknowledged(Duration::from_secs(10));
+        producer.abort()?;
+        Ok(())
     }
 
     /// librdkafka's mock cluster, used only to inject the fault: the group coordinator's broker

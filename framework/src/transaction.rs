@@ -1478,6 +1478,8 @@ where
 ///   consumer group says so — so it takes a new producer epoch.
 /// * A call that never returned ([`Error::ProducerHung`]): the same, once the call has been
 ///   waited for past its own timeout.
+/// * An abort after records failed or were purged ([`Error::UnsafeAfterAbort`]): the abort
+///   itself succeeded, but only a new epoch makes the producer's sequence numbers safe again.
 fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) -> bool {
     match e {
         Error::Fenced { .. } => st
@@ -1490,8 +1492,9 @@ fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) ->
             source: rdkafka::error::KafkaError::Transaction(t),
             ..
         } => t.is_fatal(),
-        // The producer is stuck in a call librdkafka lost track of (see `ProducerHung`).
-        Error::ProducerHung { .. } => true,
+        // The producer is stuck in a call librdkafka lost track of (see `ProducerHung`), or
+        // its sequence numbers may collide with records in the log (see `UnsafeAfterAbort`).
+        Error::ProducerHung { .. } | Error::UnsafeAfterAbort { .. } => true,
         _ => false,
     }
 }
