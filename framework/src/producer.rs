@@ -506,6 +506,20 @@ mod tests {
         );
     }
 
+    /// A pipeline configuration for instance "0" of `app` on `mock`.
+    fn mock_config(
+        mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        app: &str,
+        transaction_timeout: Duration,
+    ) -> crate::config::PipelineConfigBuilder {
+        PipelineConfig::builder()
+            .bootstrap_servers(mock.bootstrap_servers())
+            .application_id(app)
+            .instance_id("0")
+            .input_topic("in")
+            .transaction_timeout(transaction_timeout)
+    }
+
     /// A producer on a one-broker mock cluster (fault injection only) whose retries wait 5 s, so
     /// that a record whose first produce request failed sits in the queue, sent once, when the
     /// test aborts.
@@ -514,12 +528,7 @@ mod tests {
         app: &str,
     ) -> Result<TxProducer, Box<dyn std::error::Error>> {
         mock.create_topic("out", 1, 1)?;
-        let config = PipelineConfig::builder()
-            .bootstrap_servers(mock.bootstrap_servers())
-            .application_id(app)
-            .instance_id("0")
-            .input_topic("in")
-            .transaction_timeout(Duration::from_secs(30))
+        let config = mock_config(mock, app, Duration::from_secs(30))
             .producer_property("linger.ms", "0")
             .producer_property("retry.backoff.ms", "5000")
             .producer_property("retry.backoff.max.ms", "5000")
@@ -583,13 +592,7 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let mock = MockCluster::new(3)?;
         let app = "hung-send-offsets";
-        let config = PipelineConfig::builder()
-            .bootstrap_servers(mock.bootstrap_servers())
-            .application_id(app)
-            .instance_id("0")
-            .input_topic("in")
-            .transaction_timeout(Duration::from_secs(2))
-            .build()?;
+        let config = mock_config(&mock, app, Duration::from_secs(2)).build()?;
         mock.create_topic("in", 1, 3)?;
         mock.coordinator(MockCoordinator::Transaction(config.transactional_id()), 1)?;
         mock.coordinator(MockCoordinator::Group(app.to_owned()), 2)?;

@@ -1499,10 +1499,6 @@ fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) ->
     }
 }
 
-/// Replaces a dead producer: `init_transactions` with the same transactional id aborts (or, if
-/// it was prepared, completes) whatever the old one left open. Then every assigned partition is
-/// rewound to the offset the broker has **committed** — not to the in-memory rewind points,
-/// which would duplicate a commit whose outcome was unknown and turned out committed.
 /// Where each assigned partition resumes after the producer is replaced: its committed offset
 /// (read with `read_committed`, so the last commit is in it), or — where the group has
 /// committed nothing for it yet — the first offset this instance held in memory for it
@@ -1528,6 +1524,11 @@ fn recovery_seeks(
         .collect()
 }
 
+/// Replaces a dead producer: `init_transactions` with the same transactional id aborts (or, if
+/// it was prepared, completes) whatever the old one left open. Then every assigned partition is
+/// rewound to the offset the broker has **committed** — not to the in-memory rewind points,
+/// which would duplicate a commit whose outcome was unknown and turned out committed
+/// (see [`recovery_seeks`]).
 fn replace_producer<P, C>(
     shared: &Arc<Shared<P, C>>,
     consumer: &PipelineConsumer<P, C>,
