@@ -74,6 +74,11 @@ struct Args {
     /// Seconds of fixed-rate input per mode in the latency phase (0: no latency phase).
     #[arg(long, default_value_t = 30.0)]
     latency_seconds: f64,
+    /// Input rate of the latency phase, records/s (default: half `onceflow-100ms`'s median
+    /// throughput in this run). A set rate takes the run's own noise out of an A/B comparison
+    /// of latency, and lets it be measured away from saturation.
+    #[arg(long)]
+    latency_rate: Option<f64>,
     /// Only these modes (comma-separated); default all.
     #[arg(long, value_delimiter = ',')]
     modes: Vec<String>,
@@ -118,6 +123,11 @@ struct Plan {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(rate) = args.latency_rate
+        && !(rate.is_finite() && rate >= 1.0)
+    {
+        anyhow::bail!("--latency-rate must be at least 1 record/s, got {rate}");
+    }
     if let Some(w) = &args.worker {
         let [mode, bootstrap, input, output, group] = w.as_slice() else {
             bail!("--worker takes 5 values");
@@ -244,7 +254,7 @@ async fn main() -> anyhow::Result<()> {
         let Some(max) = reference.filter(|_| plan.latency_seconds > 0.0) else {
             continue;
         };
-        let rate = (max / 2.0).round();
+        let rate = args.latency_rate.unwrap_or((max / 2.0).round());
         println!(
             "\nlatency: {rate} records/s of {size} B for {} s per mode",
             plan.latency_seconds
@@ -266,6 +276,7 @@ async fn main() -> anyhow::Result<()> {
         repeats: plan.repeats,
         warmup_records: plan.warmup_records,
         latency_seconds: plan.latency_seconds,
+        latency_rate_set: args.latency_rate.is_some(),
         machine: report::machine(),
         throughput: rows,
         latency: latencies,

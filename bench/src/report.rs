@@ -48,6 +48,9 @@ pub struct Results {
     pub repeats: usize,
     pub warmup_records: u64,
     pub latency_seconds: f64,
+    /// The latency phase's rate was set with `--latency-rate` (not half onceflow's throughput).
+    #[serde(default)]
+    pub latency_rate_set: bool,
     pub machine: String,
     pub throughput: Vec<ThroughputRow>,
     pub latency: Vec<LatencyRow>,
@@ -206,8 +209,14 @@ pub fn markdown(res: &Results) -> String {
         if let Some(first) = lat.first() {
             let _ = writeln!(
                 out,
-                "\n#### {size} B values: end-to-end latency at {:.0} records/s (half {REFERENCE}'s throughput), {} s per mode\n",
-                first.rate, res.latency_seconds
+                "\n#### {size} B values: end-to-end latency at {:.0} records/s ({}), {} s per mode\n",
+                first.rate,
+                if res.latency_rate_set {
+                    "set with --latency-rate".to_owned()
+                } else {
+                    format!("half {REFERENCE}'s throughput")
+                },
+                res.latency_seconds
             );
             let _ = writeln!(
                 out,
@@ -285,6 +294,7 @@ mod tests {
             repeats: 3,
             warmup_records: 10,
             latency_seconds: 0.0,
+            latency_rate_set: false,
             machine: "m".into(),
             throughput: rows,
             latency: Vec::new(),
