@@ -363,8 +363,14 @@ impl PipelineConfigBuilder {
         self
     }
 
-    /// How long a transaction collects records before it commits. Default 100 ms (as Kafka
-    /// Streams under exactly-once). Shorter: lower latency, more commits; longer: the reverse.
+    /// How often a transaction commits. Default 100 ms (as Kafka Streams under exactly-once).
+    /// Shorter: lower latency, more commits; longer: the reverse.
+    ///
+    /// It is timed from the start of one commit to the start of the next, as Kafka Streams
+    /// times `commit.interval.ms`: a transaction that begins while records wait behind a commit
+    /// commits one interval after that commit began, so no record waits more than the interval
+    /// plus one commit. After an idle spell longer than the interval, the first records are
+    /// committed as soon as they are processed.
     #[must_use]
     pub fn commit_interval(mut self, interval: Duration) -> Self {
         self.commit_interval = interval;

@@ -324,6 +324,8 @@ impl From<Error> for Step {
 pub(crate) struct OpenTxn {
     seq: u64,
     started: Instant,
+    /// When it is due to commit (see [`commit_due`]).
+    due: Instant,
     span: tracing::Span,
     /// Next offset to commit, per partition touched.
     next: BTreeMap<Key, i64>,
@@ -360,6 +362,9 @@ pub(crate) struct LoopState {
     /// When the most recent transaction began (kept after it ends, for telling a broker-side
     /// timeout from fencing).
     txn_started: Option<Instant>,
+    /// When the most recent commit began: the next transaction is due one commit interval
+    /// after it.
+    last_commit_began: Option<Instant>,
     /// Moving average of the time one record of one partition takes to process, used to size
     /// batches so that one batch takes about half a commit interval.
     per_record: Option<Duration>,
@@ -402,6 +407,30 @@ impl LoopState {
 impl LoopState {
     fn last_txn_started(&self) -> Option<Instant> {
         self.txn_started
+    }
+}
+
+/// When a transaction beginning `now` is due to commit: one commit interval after the previous
+/// commit *began*, or at once if that is already past — not one interval after the transaction
+/// begins.
+///
+/// Why: records that arrive while a commit runs wait for it to finish before they can be taken.
+/// Timed from its own beginning, the next transaction would keep them a whole interval more, so
+/// their latency would be the interval plus two commits. Timed from the previous commit's start,
+/// commits start at most once per interval (as Kafka Streams times `commit.interval.ms`), and no
+/// record waits more than the interval plus one commit. After an idle spell, the first records
+/// are committed as soon as they are processed. An instance's first transaction gets a whole
+/// interval. A transaction due at once (after a commit slower than the interval) still holds
+/// the batch it began with — up to half an interval of processing per partition — so slow
+/// commits do not shrink transactions to a record each.
+fn commit_due(
+    last_commit_began: Option<Instant>,
+    now: Instant,
+    commit_interval: Duration,
+) -> Instant {
+    match last_commit_began {
+        Some(began) => (began + commit_interval).max(now),
+        None => now + commit_interval,
     }
 }
 
@@ -468,6 +497,7 @@ where
             next_seq: 0,
             producer_recoveries_in_row: 0,
             txn_started: None,
+            last_commit_began: None,
             per_record: None,
             last_batch: Duration::ZERO,
             spare: Spare::default(),
@@ -604,8 +634,7 @@ where
         let due = {
             let st = shared.state();
             st.txn.as_ref().is_some_and(|t| {
-                t.started.elapsed() >= shared.config.commit_interval
-                    || t.records >= shared.config.max_records_per_transaction
+                Instant::now() >= t.due || t.records >= shared.config.max_records_per_transaction
             })
         };
         if due {
@@ -650,10 +679,9 @@ where
         // With records waiting to be processed, only serve what is already fetched.
         let wait = match &st.txn {
             _ if !st.buffer.is_empty() => Duration::ZERO,
-            Some(t) => shared
-                .config
-                .commit_interval
-                .saturating_sub(t.started.elapsed())
+            Some(t) => t
+                .due
+                .saturating_duration_since(Instant::now())
                 .min(MAX_POLL_WAIT),
             None => MAX_POLL_WAIT,
         };
@@ -826,7 +854,8 @@ where
             return Ok(());
         }
         if st.txn.is_none() {
-            begin_txn(&mut st)?;
+            let due = commit_due(st.last_commit_began, Instant::now(), config.commit_interval);
+            begin_txn(&mut st, due)?;
         }
         let share = st.per_partition_share(config.commit_interval);
         let LoopState {
@@ -1202,8 +1231,8 @@ async fn process_partition<P, C>(
     }
 }
 
-/// Begins a transaction.
-fn begin_txn(st: &mut LoopState) -> Result<(), Step> {
+/// Begins a transaction that commits at `due` (or earlier, when full).
+fn begin_txn(st: &mut LoopState, due: Instant) -> Result<(), Step> {
     st.producer.begin().map_err(Step::from)?;
     let seq = st.next_seq;
     st.next_seq += 1;
@@ -1211,6 +1240,7 @@ fn begin_txn(st: &mut LoopState) -> Result<(), Step> {
     st.txn = Some(OpenTxn {
         seq,
         started: Instant::now(),
+        due,
         span: tracing::info_span!(
             "transaction",
             seq,
@@ -1277,7 +1307,8 @@ fn commit_marker_positions<Ctx: rdkafka::consumer::ConsumerContext>(
     if ahead.is_empty() {
         return Ok(());
     }
-    begin_txn(st)?;
+    // Committed at once, below.
+    begin_txn(st, Instant::now())?;
     if let Some(txn) = st.txn.as_mut() {
         txn.next.extend(ahead);
     }
@@ -1321,6 +1352,7 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
     // Both calls block for broker round trips; their durations are logged because, with
     // nothing processed meanwhile, they bound both throughput and latency.
     let committing = Instant::now();
+    st.last_commit_began = Some(committing);
     if !txn.next.is_empty() {
         let group: ConsumerGroupMetadata = consumer.group_metadata().ok_or_else(|| {
             Step::Stop(Error::Worker("the consumer has no group metadata".into()))
@@ -1595,6 +1627,21 @@ mod tests {
     use super::*;
     use rdkafka::Timestamp;
     use rdkafka::message::OwnedMessage;
+
+    #[test]
+    fn a_transaction_is_due_one_interval_after_the_previous_commit_began() {
+        let t0 = Instant::now();
+        let interval = Duration::from_millis(100);
+        // The first transaction gets a whole interval.
+        assert_eq!(commit_due(None, t0, interval), t0 + interval);
+        // Begun right after a commit that took 30 ms: due 70 ms later, not 100.
+        let began = t0;
+        let now = t0 + Duration::from_millis(30);
+        assert_eq!(commit_due(Some(began), now, interval), t0 + interval);
+        // Begun after an idle spell longer than the interval: due at once.
+        let now = t0 + Duration::from_millis(500);
+        assert_eq!(commit_due(Some(began), now, interval), now);
+    }
 
     fn record(partition: i32, offset: i64, size: usize) -> OwnedMessage {
         record_of("in", partition, offset, size)
