@@ -9,8 +9,8 @@
 //!
 //! Phase 1, throughput: each mode, in its own child process, processes the pre-loaded input;
 //! the clock runs from the moment the worker holds its partitions until every output is
-//! visible to a `read_committed` reader. Modes run in a rotated order in each repeat, after a
-//! warm-up round whose figures are thrown away. Phase 2, latency: input produced at a fixed
+//! visible to a `read_committed` reader. Modes run in a rotated order in each repeat, after
+//! warm-up rounds whose figures are thrown away. Phase 2, latency: input produced at a fixed
 //! rate (half onceflow's measured maximum) into each running mode, latency from input
 //! timestamp to visibility under `read_committed`. See `docs/benchmarks.md`.
 
@@ -66,11 +66,14 @@ struct Args {
     /// Throughput runs per mode; each repeat rotates the order of the modes.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Records in the warm-up round (every mode once; figures discarded): long enough for the
-    /// broker JVM to compile its hot paths (it still compiles during later runs; the broker JIT
-    /// figures say how much).
+    /// Records in a warm-up round (every mode once; figures discarded).
     #[arg(long, default_value_t = 500_000)]
     warmup_records: u64,
+    /// Warm-up rounds before the measured runs. The broker is a fresh JVM: its JIT compiles
+    /// for minutes, and the transactional modes exercise more of the broker's code, so they
+    /// pay more of it (the broker JIT figures say how much is left).
+    #[arg(long, default_value_t = 3)]
+    warmup_rounds: usize,
     /// Seconds of fixed-rate input per mode in the latency phase (0: no latency phase).
     #[arg(long, default_value_t = 30.0)]
     latency_seconds: f64,
@@ -110,12 +113,22 @@ struct Args {
     worker: Option<Vec<String>>,
 }
 
+/// Which run of a mode a throughput run is.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    /// A warm-up round (figures discarded; recorded as repeat 0).
+    WarmUp(usize),
+    /// A measured repeat, from 1.
+    Measured(usize),
+}
+
 /// What one run of the harness measures.
 struct Plan {
     records: u64,
     sizes: Vec<usize>,
     repeats: usize,
     warmup_records: u64,
+    warmup_rounds: usize,
     latency_seconds: f64,
     modes: Vec<String>,
 }
@@ -176,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
             sizes: vec![100],
             repeats: 1,
             warmup_records: 2_000,
+            warmup_rounds: 1,
             latency_seconds: 5.0,
             modes,
         }
@@ -185,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
             sizes: args.value_sizes.clone(),
             repeats: args.repeats.max(1),
             warmup_records: args.warmup_records,
+            warmup_rounds: args.warmup_rounds,
             latency_seconds: args.latency_seconds,
             modes,
         }
@@ -208,18 +223,20 @@ async fn main() -> anyhow::Result<()> {
         run: std::process::id(),
     };
 
-    if plan.warmup_records > 0 {
+    if plan.warmup_records > 0 && plan.warmup_rounds > 0 {
         println!(
-            "\nwarm-up: every mode once over {} records (discarded)",
-            plan.warmup_records
+            "\nwarm-up: {} round(s), every mode once per round over {} records (discarded)",
+            plan.warmup_rounds, plan.warmup_records
         );
         let input = format!("bench-warmup-{}", bench.run);
         kafka.create_topic(&input, PARTITIONS, 1).await?;
         preload(&kafka, &input, plan.warmup_records, 100).await?;
-        for mode in &plan.modes {
-            bench
-                .throughput(mode, &input, plan.warmup_records, 100, 0)
-                .await?;
+        for round in 0..plan.warmup_rounds {
+            for mode in &plan.modes {
+                bench
+                    .throughput(mode, &input, plan.warmup_records, 100, Run::WarmUp(round))
+                    .await?;
+            }
         }
     }
 
@@ -240,7 +257,7 @@ async fn main() -> anyhow::Result<()> {
             for i in 0..n {
                 let mode = &plan.modes[(i + repeat) % n];
                 let row = bench
-                    .throughput(mode, &input, plan.records, size, repeat + 1)
+                    .throughput(mode, &input, plan.records, size, Run::Measured(repeat + 1))
                     .await?;
                 rows.push(row);
             }
@@ -275,6 +292,7 @@ async fn main() -> anyhow::Result<()> {
         records: plan.records,
         repeats: plan.repeats,
         warmup_records: plan.warmup_records,
+        warmup_rounds: plan.warmup_rounds,
         latency_seconds: plan.latency_seconds,
         latency_rate_set: args.latency_rate.is_some(),
         machine: report::machine(),
@@ -349,17 +367,21 @@ impl Bench<'_> {
         Ok(Some((total, jit)))
     }
 
-    /// One throughput run of `mode` over the pre-loaded `input` (`repeat` 0 is the warm-up).
+    /// One throughput run of `mode` over the pre-loaded `input`.
     async fn throughput(
         &self,
         mode: &str,
         input: &str,
         records: u64,
         size: usize,
-        repeat: usize,
+        run: Run,
     ) -> anyhow::Result<ThroughputRow> {
-        let output = format!("bench-out-{mode}-{size}-{repeat}-{}", self.run);
-        let group = format!("bench-{mode}-{size}-{repeat}-{}", self.run);
+        let (repeat, name) = match run {
+            Run::WarmUp(round) => (0, format!("w{round}")),
+            Run::Measured(repeat) => (repeat, repeat.to_string()),
+        };
+        let output = format!("bench-out-{mode}-{size}-{name}-{}", self.run);
+        let group = format!("bench-{mode}-{size}-{name}-{}", self.run);
         self.kafka.create_topic(&output, PARTITIONS, 1).await?;
         let spawned = Instant::now();
         let mut worker = self.spawn(mode, input, &output, &group)?;

@@ -47,6 +47,9 @@ pub struct Results {
     pub records: u64,
     pub repeats: usize,
     pub warmup_records: u64,
+    /// Warm-up rounds (runs before this field was recorded had one).
+    #[serde(default = "one")]
+    pub warmup_rounds: usize,
     pub latency_seconds: f64,
     /// The latency phase's rate was set with `--latency-rate` (not half onceflow's throughput).
     #[serde(default)]
@@ -130,18 +133,24 @@ fn mode_order(mode: &str) -> usize {
     }
 }
 
+fn one() -> usize {
+    1
+}
+
 /// The markdown tables: per value size, throughput (medians, ratios) and latency.
 pub fn markdown(res: &Results) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Kafka {} ({}); {}; {}; {} records per throughput run, median of {} run(s) after a warm-up round.\n",
+        "Kafka {} ({}); {}; {}; {} records per throughput run, median of {} run(s) after {} warm-up round(s) of {} records.\n",
         res.kafka_version,
         res.kafka,
         res.java.as_deref().unwrap_or("no JVM client"),
         res.machine,
         res.records,
-        res.repeats
+        res.repeats,
+        res.warmup_rounds,
+        res.warmup_records
     );
     let mut sizes: Vec<usize> = res
         .throughput
@@ -293,6 +302,7 @@ mod tests {
             records: 1_000,
             repeats: 3,
             warmup_records: 10,
+            warmup_rounds: 1,
             latency_seconds: 0.0,
             latency_rate_set: false,
             machine: "m".into(),
