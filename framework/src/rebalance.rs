@@ -117,9 +117,6 @@ impl<P: Processor, C: Codec<P::Input>> RebalanceContext<P, C> {
             }
             // The revoked partitions' unprocessed records belong to their next owner now.
             st.buffer.drop_partitions(|k| revoked.contains(k));
-            // A pause would outlive the assignment; the next owner of these partitions (maybe
-            // this instance again, after an eager rebalance) must start unpaused.
-            crate::transaction::resume_drained(&mut st, consumer, |k| revoked.contains(k));
             st.pending_seeks.retain(|k, _| !revoked.contains(k));
             st.committed.retain(|k, _| !revoked.contains(k));
             aborted

@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerGroupMetadata};
-use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::message::Headers as _;
 use tokio::runtime::Handle;
 
 use crate::codec::Codec;
@@ -56,13 +56,6 @@ const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 const MAX_BATCH: usize = 2_000;
 /// At most this many records of one partition are taken for processing at once.
 const MAX_PER_PARTITION: usize = 500;
-/// A partition with this many records buffered is paused (flow control, as Kafka Streams'
-/// `buffered.records.per.partition`), so the other partitions' records reach the buffer too —
-/// but only once the buffer is half full (see [`Buffer::should_pause`]).
-const PAUSE_AT: usize = 4_000;
-/// A paused partition is resumed when its buffer drains below this. The gap keeps resumes
-/// rare: each one costs a fetch round trip.
-const RESUME_BELOW: usize = 1_000;
 /// At most this many records are buffered in all (bounds memory whatever the partition count).
 const MAX_BUFFERED: usize = 20_000;
 /// At most this many bytes (keys and values) are buffered in all: with large records the count
@@ -113,23 +106,18 @@ impl Buffer {
         self.partitions.get(key).map_or(0, |q| q.records.len())
     }
 
-    /// Whether a partition holding `partition_len` records should be paused.
+    /// Appends a copy of a polled record.
     ///
-    /// Only when the buffer is at least half full, by count or by bytes: pausing is for
-    /// fairness, so that one partition's backlog cannot fill the buffer and stop the others
-    /// from being polled. It has a price — librdkafka discards a paused partition's prefetched
-    /// records and the broker serves them again after the resume — and in a pipeline that keeps
-    /// up there is no backlog to be fair about: one partition's fetch alone (up to
-    /// `max.partition.fetch.bytes`) often brings more than [`PAUSE_AT`] small records, and
-    /// pausing on the count alone re-fetched records all the time (measured: 1.3 µs of broker
-    /// CPU per record in the benchmark, ~20 % of the broker's work).
-    fn should_pause(&self, partition_len: usize) -> bool {
-        partition_len >= PAUSE_AT
-            && (self.len >= MAX_BUFFERED / 2 || self.bytes >= MAX_BUFFERED_BYTES / 2)
-    }
-
-    /// Appends a copy of a polled record; returns how many records its partition now has.
-    fn push<M: rdkafka::Message>(&mut self, m: &M) -> usize {
+    /// No partition is ever paused for holding too many: the loop stops polling when the
+    /// buffer is full, and librdkafka bounds what it prefetches over the whole consumer queue
+    /// (`queued.min.messages` and `queued.max.messages.kbytes` count the queue every partition
+    /// forwards to), so a partition with a backlog cannot hold the others' fetches back by
+    /// more than those bounds, and batches are taken round-robin (see [`Buffer::take`]).
+    /// Pausing would cost more than it gives: librdkafka discards a paused partition's
+    /// prefetched records and the broker must serve them again — in the benchmark, 40 pauses
+    /// per million records while the input had a backlog, and ~0.6 µs of broker and worker CPU
+    /// per record each.
+    fn push<M: rdkafka::Message>(&mut self, m: &M) {
         // Found by a scan (an instance owns few partitions) rather than by building a
         // `(String, i32)` key: this runs for every record polled. With one input topic the
         // topic is not compared: rdkafka's `topic()` measures and UTF-8-checks the name on
@@ -156,7 +144,6 @@ impl Buffer {
         self.len += 1;
         self.bytes += record.size();
         q.records.push_back(record);
-        q.records.len()
     }
 
     /// Drops the records of the partitions `drop` says yes to.
@@ -347,8 +334,6 @@ pub(crate) struct LoopState {
     pub(crate) buffer: Buffer,
     attempts: HashMap<(String, i32, i64), Attempts>,
     pub(crate) pending_seeks: BTreeMap<Key, i64>,
-    /// Partitions paused because their buffer is full.
-    pub(crate) paused: BTreeSet<Key>,
     /// The offsets this instance last committed, per partition it owns.
     pub(crate) committed: BTreeMap<Key, i64>,
     /// When the loop last looked for positions that only moved past transaction markers.
@@ -489,7 +474,6 @@ where
             },
             attempts: HashMap::new(),
             pending_seeks: BTreeMap::new(),
-            paused: BTreeSet::new(),
             committed: BTreeMap::new(),
             last_marker_check: Instant::now(),
             deferred: None,
@@ -624,13 +608,6 @@ where
             recover(shared, consumer, step)?;
             continue;
         }
-        {
-            let mut st = shared.state();
-            if !st.paused.is_empty() {
-                resume_drained(&mut st, consumer, |_| false);
-            }
-        }
-
         let due = {
             let st = shared.state();
             st.txn.as_ref().is_some_and(|t| {
@@ -696,14 +673,7 @@ where
             Some(Ok(message)) => {
                 // One record at a time, under the lock: a revocation served inside the next
                 // `poll` must find every earlier record in the buffer to drop it.
-                let mut st = shared.state();
-                let buffered = st.buffer.push(&message);
-                if st.buffer.should_pause(buffered) {
-                    let key = (message.topic().to_owned(), message.partition());
-                    if st.paused.insert(key.clone()) {
-                        set_paused(consumer, &key, true);
-                    }
-                }
+                shared.state().buffer.push(&message);
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "consumer error");
@@ -712,45 +682,6 @@ where
             None => break,
         }
         wait = Duration::ZERO;
-    }
-}
-
-/// Pauses or resumes one partition. A failure only costs fairness, never correctness: a
-/// paused partition's queued records are discarded by librdkafka and fetched again from the
-/// position after the last record handed to us.
-fn set_paused<Ctx: rdkafka::consumer::ConsumerContext>(
-    consumer: &BaseConsumer<Ctx>,
-    key: &Key,
-    pause: bool,
-) {
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(&key.0, key.1);
-    let result = if pause {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
-    };
-    if let Err(e) = result {
-        tracing::warn!(topic = key.0, partition = key.1, pause, error = %e, "pause/resume failed");
-    }
-}
-
-/// Resumes paused partitions whose buffer has drained below [`RESUME_BELOW`], and those `also`
-/// names.
-pub(crate) fn resume_drained<Ctx: rdkafka::consumer::ConsumerContext>(
-    st: &mut LoopState,
-    consumer: &BaseConsumer<Ctx>,
-    mut also: impl FnMut(&Key) -> bool,
-) {
-    let ready: Vec<Key> = st
-        .paused
-        .iter()
-        .filter(|k| also(k) || st.buffer.partition_len(k) < RESUME_BELOW)
-        .cloned()
-        .collect();
-    for k in ready {
-        set_paused(consumer, &k, false);
-        st.paused.remove(&k);
     }
 }
 
@@ -771,8 +702,6 @@ where
         }
         let seeks = std::mem::take(&mut st.pending_seeks);
         st.buffer.drop_partitions(|k| seeks.contains_key(k));
-        // Resume before seeking, so the seek sets where fetching restarts.
-        resume_drained(&mut st, consumer, |k| seeks.contains_key(k));
         seeks
     };
     let assigned = assigned_set(consumer);
@@ -1660,42 +1589,9 @@ mod tests {
     }
 
     impl Buffer {
-        fn push_owned(&mut self, m: &OwnedMessage) -> usize {
-            self.push(m)
+        fn push_owned(&mut self, m: &OwnedMessage) {
+            self.push(m);
         }
-    }
-
-    #[test]
-    fn a_partition_is_paused_only_when_the_buffer_is_half_full() {
-        let mut buffer = Buffer::default();
-        let mut offset = 0;
-        let mut last = 0;
-        for _ in 0..PAUSE_AT {
-            last = buffer.push_owned(&record(0, offset, 10));
-            offset += 1;
-        }
-        assert_eq!(last, PAUSE_AT);
-        // One partition's backlog, but room for everybody: no pause (and no re-fetch).
-        assert!(!buffer.should_pause(last));
-        for _ in 0..(MAX_BUFFERED / 2 - PAUSE_AT) {
-            buffer.push_owned(&record(1, offset, 10));
-            offset += 1;
-        }
-        assert_eq!(buffer.len(), MAX_BUFFERED / 2);
-        assert!(buffer.should_pause(PAUSE_AT));
-        assert!(!buffer.should_pause(PAUSE_AT - 1));
-    }
-
-    #[test]
-    fn large_records_pause_by_bytes() {
-        let mut buffer = Buffer::default();
-        let size = MAX_BUFFERED_BYTES / 2 / PAUSE_AT + 1;
-        let mut last = 0;
-        for offset in 0..PAUSE_AT {
-            last = buffer.push_owned(&record(0, i64::try_from(offset).unwrap_or(i64::MAX), size));
-        }
-        assert!(buffer.len() < MAX_BUFFERED / 2);
-        assert!(buffer.should_pause(last));
     }
 
     #[test]

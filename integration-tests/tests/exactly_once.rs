@@ -680,3 +680,96 @@ async fn graceful_stop_commits_outputs_with_offsets_and_forced_stop_aborts() {
     verify(&input, &committed, 3).assert_exactly_once();
     println!("forced stop, then restart: 6,000 inputs exactly once");
 }
+
+/// [`Enrich`], noting the input partition of every record it processes, in processing order.
+struct NoteOrder {
+    inner: Enrich,
+    order: Arc<Mutex<Vec<i32>>>,
+}
+
+#[onceflow::async_trait]
+impl Processor for NoteOrder {
+    type Input = Event;
+
+    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
+        self.order.lock().expect("lock").push(r.partition);
+        self.inner.process(r, out).await
+    }
+}
+
+/// One partition's backlog must not hold another partition's records back until it is worked
+/// off. onceflow pauses no partition (a pause makes librdkafka drop what it prefetched, and the
+/// broker serve it again); what keeps it fair is that librdkafka stops fetching once its one
+/// consumer queue holds `queued.min.messages` records (30,000 by default here), the loop's own
+/// buffer holds at most 20,000, and batches are taken round-robin over partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitions_backlog_does_not_hold_back_the_other_partitions() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-backlog", 2, 2).await;
+    // One user's backlog on one partition, a few records of another user on the other.
+    const BACKLOG: u64 = 100_000;
+    const FEW: u64 = 200;
+    let backlog_user = "user-0".to_owned();
+    let backlog_partition =
+        onceflow::partitioner::partition_for_key(backlog_user.as_bytes(), 2).expect("partition");
+    let other_user = (1..)
+        .map(|u| format!("user-{u}"))
+        .find(|u| {
+            onceflow::partitioner::partition_for_key(u.as_bytes(), 2) != Some(backlog_partition)
+        })
+        .expect("a user on the other partition");
+    let input: Vec<Event> = (0..BACKLOG)
+        .map(|i| Event {
+            id: i,
+            user: backlog_user.clone(),
+            seq: i,
+        })
+        .chain((0..FEW).map(|i| Event {
+            id: BACKLOG + i,
+            user: other_user.clone(),
+            seq: i,
+        }))
+        .collect();
+    produce_events(kafka, &t.input, &input).await;
+
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let config = test_config(kafka, &t.app, "0", &t.input)
+        .build()
+        .expect("config");
+    let running = Running::start(Pipeline::new(
+        config,
+        NoteOrder {
+            inner: Enrich::new(&t.output, "0"),
+            order: Arc::clone(&order),
+        },
+    ));
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    running.stop().await;
+
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &committed, 2).assert_exactly_once();
+    let order = order.lock().expect("lock").clone();
+    let other_done = order
+        .iter()
+        .rposition(|p| *p != backlog_partition)
+        .expect("the other partition's records were processed");
+    let backlog_before = order[..other_done]
+        .iter()
+        .filter(|p| **p == backlog_partition)
+        .count();
+    // The bound: librdkafka's queue (30,000 records, plus one fetch response per partition)
+    // and the loop's buffer (20,000) of backlog records ahead of them, at most.
+    assert!(
+        backlog_before < 70_000,
+        "the other partition's last record was processed after {backlog_before} of the \
+         backlog's {BACKLOG} records"
+    );
+    println!(
+        "{BACKLOG} records of backlog on partition {backlog_partition}, {FEW} on the other: \
+         the other's last record was processed after {backlog_before} backlog records; \
+         {} outputs exactly once",
+        committed.len()
+    );
+}
