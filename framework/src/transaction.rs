@@ -146,6 +146,26 @@ impl Buffer {
         q.records.push_back(record);
     }
 
+    /// Returns a run of one partition's records, taken but not committed, to the front of its
+    /// queue, in order — as if they had never been taken.
+    fn put_back(&mut self, records: &mut Vec<Polled>) {
+        let Some(first) = records.first() else {
+            return;
+        };
+        let key = (first.topic().to_owned(), first.partition());
+        let topic = Arc::from(first.topic());
+        let q = self.partitions.entry(key).or_insert_with(|| Queue {
+            topic,
+            records: VecDeque::new(),
+            values: Values::default(),
+        });
+        self.len += records.len();
+        self.bytes += records.iter().map(Polled::size).sum::<usize>();
+        for r in records.drain(..).rev() {
+            q.records.push_front(r);
+        }
+    }
+
     /// Drops the records of the partitions `drop` says yes to.
     pub(crate) fn drop_partitions(&mut self, mut drop: impl FnMut(&Key) -> bool) {
         self.partitions.retain(|k, q| {
@@ -336,6 +356,9 @@ pub(crate) struct LoopState {
     pub(crate) pending_seeks: BTreeMap<Key, i64>,
     /// The offsets this instance last committed, per partition it owns.
     pub(crate) committed: BTreeMap<Key, i64>,
+    /// Partitions with records taken for the next transaction while the open one commits
+    /// (see `commit_processing_ahead`): not settled, however empty their buffer is.
+    taken_ahead: BTreeSet<Key>,
     /// When the loop last looked for positions that only moved past transaction markers.
     last_marker_check: Instant,
     /// A failure the rebalance callback could not handle itself (it must not stop the
@@ -475,6 +498,7 @@ where
             attempts: HashMap::new(),
             pending_seeks: BTreeMap::new(),
             committed: BTreeMap::new(),
+            taken_ahead: BTreeSet::new(),
             last_marker_check: Instant::now(),
             deferred: None,
             summary: RunSummary::default(),
@@ -614,14 +638,8 @@ where
                 Instant::now() >= t.due || t.records >= shared.config.max_records_per_transaction
             })
         };
-        if due {
-            let step = {
-                let mut st = shared.state();
-                commit_open(&mut st, consumer)
-            };
-            if let Err(step) = step {
-                recover(shared, consumer, step)?;
-            }
+        if due && let Err(step) = commit_processing_ahead(shared, consumer) {
+            recover(shared, consumer, step)?;
         }
         let step = {
             let mut st = shared.state();
@@ -759,6 +777,96 @@ enum Outcome {
     Fatal(crate::error::BoxError),
 }
 
+/// Commits the open transaction while the next batch is processed on the runtime's threads,
+/// then opens the next transaction and produces that batch into it.
+///
+/// Why: a commit blocks this thread for broker round trips — sending the offsets, waiting for
+/// every output's acknowledgement, EndTxn — about 15 % of the time in the benchmark. Nothing
+/// can be *produced* meanwhile (the transactional producer belongs to the committing
+/// transaction until the commit returns), but the next batch can be *processed*: its outputs
+/// are held and produced once the next transaction has begun, so exactly-once is untouched —
+/// those outputs and their offsets still commit together, in the next transaction.
+///
+/// While the commit runs, the batch's partitions count as holding unprocessed records (the
+/// commit must not send their consumer position, which is past the batch, as the offset to
+/// resume from). If the commit or the next `begin` fails, the batch's records go back to the
+/// front of the buffer, untouched, as if never taken: the recovery that follows (abort and rewind, a new
+/// producer, or a stop) treats them like any buffered record. Nothing is polled while the batch
+/// is processed, so no rebalance can come in between.
+fn commit_processing_ahead<P, C>(
+    shared: &Arc<Shared<P, C>>,
+    consumer: &PipelineConsumer<P, C>,
+) -> Result<(), Step>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let config = &shared.config;
+    let ahead = {
+        let mut st = shared.state();
+        let n = config
+            .max_records_per_transaction
+            .min(MAX_BATCH)
+            .min(st.buffer.len());
+        (n > 0).then(|| {
+            let batch = take_batch(&mut st, n, config.commit_interval);
+            // Their partitions' positions are past records the committing transaction does
+            // not hold: committing a position instead of its next offset would skip them.
+            for (records, _, _) in &batch.groups {
+                if let Some(first) = records.first() {
+                    st.taken_ahead
+                        .insert((first.topic().to_owned(), first.partition()));
+                }
+            }
+            let parallel = batch.groups.len() > 1 && st.last_batch >= PARALLEL_ABOVE;
+            shared
+                .runtime
+                .spawn(process_groups(shared, batch, parallel))
+        })
+    };
+    let committed = {
+        let mut st = shared.state();
+        let committed = commit_open(&mut st, consumer);
+        st.taken_ahead.clear();
+        committed
+    };
+    let Some(ahead) = ahead else {
+        return committed;
+    };
+    // The batch is waited for whatever the commit's outcome: its processing may have effects.
+    let results = match shared.runtime.block_on(ahead) {
+        Ok(Ok(results)) => results,
+        // Its records went with the panic: only stopping keeps them from being skipped.
+        Ok(Err(panic)) => {
+            return Err(Step::Stop(Error::Worker(format!(
+                "the processor panicked: {panic}"
+            ))));
+        }
+        Err(join) => {
+            return Err(Step::Stop(Error::Worker(format!(
+                "processing the next batch during a commit failed: {join}"
+            ))));
+        }
+    };
+    let begun = committed.and_then(|()| {
+        let mut st = shared.state();
+        let due = commit_due(st.last_commit_began, Instant::now(), config.commit_interval);
+        begin_txn(&mut st, due)?;
+        note_rewind_points(&mut st, &results);
+        Ok(())
+    });
+    if let Err(step) = begun {
+        let mut st = shared.state();
+        let LoopState { buffer, spare, .. } = &mut *st;
+        for (mut records, outcomes, outputs) in results {
+            buffer.put_back(&mut records);
+            spare.keep(records, outcomes, outputs);
+        }
+        return Err(step);
+    }
+    produce_results(shared, results)
+}
+
 /// Takes buffered records, processes them (partitions in parallel, each in order), and
 /// produces their results into the open transaction.
 fn process_buffered<P, C>(shared: &Arc<Shared<P, C>>) -> Result<(), Step>
@@ -768,7 +876,7 @@ where
 {
     let config = &shared.config;
     // Take a batch and open the transaction.
-    let (groups, prior) = {
+    let (batch, parallel) = {
         let mut st = shared.state();
         if st.buffer.is_empty() {
             return Ok(());
@@ -786,57 +894,114 @@ where
             let due = commit_due(st.last_commit_began, Instant::now(), config.commit_interval);
             begin_txn(&mut st, due)?;
         }
-        let share = st.per_partition_share(config.commit_interval);
-        let LoopState {
-            txn,
-            attempts,
-            buffer,
-            spare,
-            ..
-        } = &mut *st;
-        let taken = buffer.take(n, share, spare);
-        let mut prior: HashMap<(String, i32, i64), (u32, String)> = HashMap::new();
+        let batch = take_batch(&mut st, n, config.commit_interval);
+        note_rewind_points(&mut st, &batch.groups);
+        let parallel = batch.groups.len() > 1 && st.last_batch >= PARALLEL_ABOVE;
+        (batch, parallel)
+    };
+    let longest = batch.longest;
+    let processing_started = Instant::now();
+    let results = shared
+        .runtime
+        .block_on(process_groups(shared, batch, parallel));
+    // A panicking processor is a bug in it; stopping (after an abort) is the only safe answer.
+    let results =
+        results.map_err(|e| Step::Stop(Error::Worker(format!("the processor panicked: {e}"))))?;
+    shared
+        .state()
+        .observe_batch(processing_started.elapsed(), longest);
+    produce_results(shared, results)
+}
+
+/// Records taken from the buffer for processing, one run per partition.
+struct Batch {
+    groups: Vec<Processed>,
+    /// Earlier failed attempts of these records (for `ProcessError::retry`'s attempt count).
+    prior: HashMap<(String, i32, i64), (u32, String)>,
+    /// The longest partition run: what the batch's duration is divided by to estimate the
+    /// processing time per record.
+    longest: usize,
+}
+
+/// Takes up to `n` buffered records, round-robin over partitions.
+fn take_batch(st: &mut LoopState, n: usize, commit_interval: Duration) -> Batch {
+    let share = st.per_partition_share(commit_interval);
+    let LoopState {
+        attempts,
+        buffer,
+        spare,
+        ..
+    } = st;
+    let taken = buffer.take(n, share, spare);
+    let mut prior: HashMap<(String, i32, i64), (u32, String)> = HashMap::new();
+    if !attempts.is_empty() {
         for (key, records) in &taken {
-            if let (Some(txn), Some(first)) = (txn.as_mut(), records.first()) {
-                txn.rewind.entry(key.clone()).or_insert(first.offset());
-            }
-            if !attempts.is_empty() {
-                for m in records {
-                    let id = (key.0.clone(), key.1, m.offset());
-                    if let Some(a) = attempts.get(&id) {
-                        prior.insert(id, (a.count, a.last_error.clone()));
-                    }
+            for m in records {
+                let id = (key.0.clone(), key.1, m.offset());
+                if let Some(a) = attempts.get(&id) {
+                    prior.insert(id, (a.count, a.last_error.clone()));
                 }
             }
         }
-        // Each run is processed with its own (spare) vectors for the outcomes and outputs.
-        let groups: Vec<Processed> = taken
-            .into_values()
-            .map(|records| (records, spare.outcomes(), spare.outputs()))
-            .collect();
-        (groups, prior)
-    };
-
-    // Process: one task per partition, records of a partition strictly in order.
+    }
+    // Each run is processed with its own (spare) vectors for the outcomes and outputs.
+    let groups: Vec<Processed> = taken
+        .into_values()
+        .map(|records| (records, spare.outcomes(), spare.outputs()))
+        .collect();
     let longest = groups.iter().map(|g| g.0.len()).max().unwrap_or(0);
-    let processing_started = Instant::now();
+    Batch {
+        groups,
+        prior,
+        longest,
+    }
+}
+
+/// The first offset of each run is where its partition rewinds to if the open transaction is
+/// aborted (unless an earlier batch of the transaction already set it).
+fn note_rewind_points(st: &mut LoopState, groups: &[Processed]) {
+    let Some(txn) = st.txn.as_mut() else {
+        return;
+    };
+    for (records, _, _) in groups {
+        if let Some(first) = records.first() {
+            txn.rewind
+                .entry((first.topic().to_owned(), first.partition()))
+                .or_insert(first.offset());
+        }
+    }
+}
+
+/// Processes a batch: one run per partition, records of a partition strictly in order. Either
+/// every run's records come back with their outcomes and outputs, or the message of a panic.
+fn process_groups<P, C>(
+    shared: &Arc<Shared<P, C>>,
+    batch: Batch,
+    parallel: bool,
+) -> impl Future<Output = Result<Vec<Processed>, String>> + Send + 'static
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let processor = Arc::clone(&shared.processor);
+    let codec = Arc::clone(&shared.codec);
+    let decode_failure = shared.config.decode_failure;
+    let max_attempts = shared.config.max_attempts;
+    let Batch { groups, prior, .. } = batch;
     let prior = Arc::new(prior);
-    let decode_failure = config.decode_failure;
-    let max_attempts = config.max_attempts;
     // Where the partitions' runs are processed: as tasks on the runtime's worker threads, in
     // parallel, when the last batch took long enough for that to pay; otherwise concurrently
-    // on this thread (a processor that awaits still overlaps its partitions' waits). Handing a
-    // batch to other threads and waking this one again costs more than a cheap processor's
-    // whole batch: measured with the benchmark's JSON transform, inline processing raised
-    // throughput by ~10% and cut CPU per record.
-    let parallel = groups.len() > 1 && shared.state().last_batch >= PARALLEL_ABOVE;
-    let results: Result<Vec<Processed>, String> = shared.runtime.block_on(async {
+    // on the thread that awaits this (a processor that awaits still overlaps its partitions'
+    // waits). Handing a batch to other threads and waking this one again costs more than a
+    // cheap processor's whole batch: measured with the benchmark's JSON transform, inline
+    // processing raised throughput by ~10% and cut CPU per record.
+    async move {
         if parallel {
             let handles: Vec<_> = groups
                 .into_iter()
                 .map(|(mut records, mut outcomes, mut emitted)| {
-                    let processor = Arc::clone(&shared.processor);
-                    let codec = Arc::clone(&shared.codec);
+                    let processor = Arc::clone(&processor);
+                    let codec = Arc::clone(&codec);
                     let prior = Arc::clone(&prior);
                     tokio::spawn(async move {
                         process_partition(
@@ -862,7 +1027,7 @@ where
             let runs = groups
                 .into_iter()
                 .map(|(mut records, mut outcomes, mut emitted)| {
-                    let (prior, processor, codec) = (&prior, &*shared.processor, &*shared.codec);
+                    let (prior, processor, codec) = (&prior, &*processor, &*codec);
                     std::panic::AssertUnwindSafe(async move {
                         process_partition(
                             processor,
@@ -884,14 +1049,18 @@ where
                 .map(|r| r.map_err(|p| panic_message(&*p)))
                 .collect()
         }
-    });
-    // A panicking processor is a bug in it; stopping (after an abort) is the only safe answer.
-    let results =
-        results.map_err(|e| Step::Stop(Error::Worker(format!("the processor panicked: {e}"))))?;
+    }
+}
 
-    // Produce the results into the transaction, in offset order per partition.
+/// Produces a processed batch's outputs and dead letters into the open transaction, in offset
+/// order per partition, and advances each partition's next offset.
+fn produce_results<P, C>(shared: &Arc<Shared<P, C>>, results: Vec<Processed>) -> Result<(), Step>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let config = &shared.config;
     let mut guard = shared.state();
-    guard.observe_batch(processing_started.elapsed(), longest);
     let LoopState {
         producer,
         txn,
@@ -1214,12 +1383,26 @@ fn positions_past_markers<Ctx: rdkafka::consumer::ConsumerContext>(
                 .and_then(|t| t.next.get(&key))
                 .or_else(|| st.committed.get(&key))
                 .copied()?;
-            let settled = owned.contains(&key)
-                && st.buffer.partition_len(&key) == 0
-                && !st.pending_seeks.contains_key(&key);
+            let settled = settled(&key, owned, &st.buffer, &st.taken_ahead, &st.pending_seeks);
             (settled && position > ours).then_some((key, position))
         })
         .collect()
+}
+
+/// Whether everything below a partition's consumer position is processed (or invisible): it is
+/// owned, nothing of it is buffered or taken ahead for the next transaction, and no rewind is
+/// pending.
+fn settled(
+    key: &Key,
+    owned: &BTreeSet<Key>,
+    buffer: &Buffer,
+    taken_ahead: &BTreeSet<Key>,
+    pending_seeks: &BTreeMap<Key, i64>,
+) -> bool {
+    owned.contains(key)
+        && buffer.partition_len(key) == 0
+        && !taken_ahead.contains(key)
+        && !pending_seeks.contains_key(key)
 }
 
 /// When idle, commits positions that only moved past transaction markers, in an offsets-only
@@ -1608,6 +1791,68 @@ mod tests {
             assert_eq!(offsets, vec![0, 1, 2, 3]);
         }
         assert_eq!(buffer.len(), 12);
+    }
+
+    #[test]
+    fn records_put_back_are_taken_again_first_and_in_order() {
+        let mut buffer = Buffer::default();
+        for offset in 0..10 {
+            buffer.push_owned(&record(0, offset, 3));
+        }
+        buffer.push_owned(&record(1, 0, 5));
+        let (len, bytes) = (buffer.len(), buffer.bytes);
+        // Three of partition 0, all of partition 1 (whose queue is left empty).
+        let mut taken = buffer.take(5, 500, &mut Spare::default());
+        assert_eq!(buffer.len(), 7);
+        for records in taken.values_mut() {
+            buffer.put_back(records);
+            assert!(records.is_empty());
+        }
+        assert_eq!((buffer.len(), buffer.bytes), (len, bytes));
+        let again = buffer.take(20, 500, &mut Spare::default());
+        let offsets = |p: i32| -> Vec<i64> {
+            again[&("in".to_owned(), p)]
+                .iter()
+                .map(Polled::offset)
+                .collect()
+        };
+        assert_eq!(offsets(0), (0..10).collect::<Vec<_>>());
+        assert_eq!(offsets(1), vec![0]);
+    }
+
+    #[test]
+    fn a_partition_with_records_taken_ahead_is_not_settled() {
+        let key = ("in".to_owned(), 0);
+        let owned = BTreeSet::from([key.clone()]);
+        let mut buffer = Buffer::default();
+        let no_seeks = BTreeMap::new();
+        let mut ahead = BTreeSet::new();
+        assert!(settled(&key, &owned, &buffer, &ahead, &no_seeks));
+        // Its buffer is empty because its records were taken for the next transaction while
+        // the open one commits: committing its position would skip them.
+        buffer.push_owned(&record(0, 7, 1));
+        let _taken = buffer.take(10, 10, &mut Spare::default());
+        ahead.insert(key.clone());
+        assert!(!settled(&key, &owned, &buffer, &ahead, &no_seeks));
+        // Buffered, not owned, or about to be rewound: not settled either.
+        buffer.push_owned(&record(0, 8, 1));
+        assert!(!settled(&key, &owned, &buffer, &BTreeSet::new(), &no_seeks));
+        let none_owned = BTreeSet::new();
+        assert!(!settled(
+            &key,
+            &none_owned,
+            &Buffer::default(),
+            &BTreeSet::new(),
+            &no_seeks
+        ));
+        let seek = BTreeMap::from([(key.clone(), 3)]);
+        assert!(!settled(
+            &key,
+            &owned,
+            &Buffer::default(),
+            &BTreeSet::new(),
+            &seek
+        ));
     }
 
     #[test]
