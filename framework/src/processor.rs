@@ -16,10 +16,10 @@
 //! before it commits. Then every input record of that transaction is processed **again**, in
 //! the same order, possibly by another instance. (The next batch is processed while a commit
 //! runs, its outputs held for the next transaction; if that commit fails, the batch's records
-//! are processed again too, after [`Processor::on_transaction_aborted`].) So `process` must be a deterministic function
-//! of its input (and of state rebuilt from committed data): never derive an output from a clock,
-//! a random number or a counter kept in memory across transactions without resetting it in
-//! [`Processor::on_transaction_aborted`].
+//! are processed again too, after [`Processor::on_transaction_aborted`].) So `process` must be
+//! a deterministic function of its input (and of state rebuilt from committed data): never
+//! derive an output from a clock, a random number or a counter kept in memory across
+//! transactions without resetting it in [`Processor::on_transaction_aborted`].
 //!
 //! **Ordering.** Records of one input partition are processed one at a time, in offset order,
 //! and their outputs are produced in that order. Records of different partitions may be

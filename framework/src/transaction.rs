@@ -790,9 +790,9 @@ enum Outcome {
 /// While the commit runs, the batch's partitions count as holding unprocessed records (the
 /// commit must not send their consumer position, which is past the batch, as the offset to
 /// resume from). If the commit or the next `begin` fails, the batch's records go back to the
-/// front of the buffer, untouched, as if never taken: the recovery that follows (abort and rewind, a new
-/// producer, or a stop) treats them like any buffered record. Nothing is polled while the batch
-/// is processed, so no rebalance can come in between.
+/// front of the buffer, untouched, as if never taken: the recovery that follows (abort and
+/// rewind, a new producer, or a stop) treats them like any buffered record. Nothing is polled
+/// while the batch is processed, so no rebalance can come in between.
 fn commit_processing_ahead<P, C>(
     shared: &Arc<Shared<P, C>>,
     consumer: &PipelineConsumer<P, C>,
