@@ -115,8 +115,8 @@ impl Buffer {
     /// more than those bounds, and batches are taken round-robin (see [`Buffer::take`]).
     /// Pausing would cost more than it gives: librdkafka discards a paused partition's
     /// prefetched records and the broker must serve them again — in the benchmark, 40 pauses
-    /// per million records while the input had a backlog, and ~0.6 µs of broker and worker CPU
-    /// per record each.
+    /// per million records while the input had a backlog, and at 100 B ~0.6 µs of broker and
+    /// of worker CPU per record each.
     fn push<M: rdkafka::Message>(&mut self, m: &M) {
         // Found by a scan (an instance owns few partitions) rather than by building a
         // `(String, i32)` key: this runs for every record polled. With one input topic the
