@@ -93,6 +93,16 @@ struct Queue {
     values: Values,
 }
 
+impl Queue {
+    fn new(topic: &str) -> Self {
+        Self {
+            topic: Arc::from(topic),
+            records: VecDeque::new(),
+            values: Values::default(),
+        }
+    }
+}
+
 impl Buffer {
     pub(crate) fn len(&self) -> usize {
         self.len
@@ -134,11 +144,7 @@ impl Buffer {
             None => self
                 .partitions
                 .entry((m.topic().to_owned(), m.partition()))
-                .or_insert_with(|| Queue {
-                    topic: Arc::from(m.topic()),
-                    records: VecDeque::new(),
-                    values: Values::default(),
-                }),
+                .or_insert_with(|| Queue::new(m.topic())),
         };
         let record = Polled::copy_of(m, Arc::clone(&q.topic), &mut q.values);
         self.len += 1;
@@ -152,13 +158,10 @@ impl Buffer {
         let Some(first) = records.first() else {
             return;
         };
-        let key = (first.topic().to_owned(), first.partition());
-        let topic = Arc::from(first.topic());
-        let q = self.partitions.entry(key).or_insert_with(|| Queue {
-            topic,
-            records: VecDeque::new(),
-            values: Values::default(),
-        });
+        let q = self
+            .partitions
+            .entry((first.topic().to_owned(), first.partition()))
+            .or_insert_with(|| Queue::new(first.topic()));
         self.len += records.len();
         self.bytes += records.iter().map(Polled::size).sum::<usize>();
         for r in records.drain(..).rev() {
@@ -804,10 +807,8 @@ where
     let config = &shared.config;
     let ahead = {
         let mut st = shared.state();
-        let n = config
-            .max_records_per_transaction
-            .min(MAX_BATCH)
-            .min(st.buffer.len());
+        // Records of the committing transaction do not count against the next one's limit.
+        let n = batch_size(&st, config.max_records_per_transaction, 0);
         (n > 0).then(|| {
             let batch = take_batch(&mut st, n, config.commit_interval);
             // Their partitions' positions are past records the committing transaction does
@@ -818,10 +819,7 @@ where
                         .insert((first.topic().to_owned(), first.partition()));
                 }
             }
-            let parallel = batch.groups.len() > 1 && st.last_batch >= PARALLEL_ABOVE;
-            shared
-                .runtime
-                .spawn(process_groups(shared, batch, parallel))
+            shared.runtime.spawn(process_groups(shared, batch))
         })
     };
     let committed = {
@@ -876,17 +874,10 @@ where
 {
     let config = &shared.config;
     // Take a batch and open the transaction.
-    let (batch, parallel) = {
+    let batch = {
         let mut st = shared.state();
-        if st.buffer.is_empty() {
-            return Ok(());
-        }
         let taken = st.txn.as_ref().map_or(0, |t| t.records);
-        let n = config
-            .max_records_per_transaction
-            .saturating_sub(taken)
-            .min(MAX_BATCH)
-            .min(st.buffer.len());
+        let n = batch_size(&st, config.max_records_per_transaction, taken);
         if n == 0 {
             return Ok(());
         }
@@ -896,14 +887,11 @@ where
         }
         let batch = take_batch(&mut st, n, config.commit_interval);
         note_rewind_points(&mut st, &batch.groups);
-        let parallel = batch.groups.len() > 1 && st.last_batch >= PARALLEL_ABOVE;
-        (batch, parallel)
+        batch
     };
     let longest = batch.longest;
     let processing_started = Instant::now();
-    let results = shared
-        .runtime
-        .block_on(process_groups(shared, batch, parallel));
+    let results = shared.runtime.block_on(process_groups(shared, batch));
     // A panicking processor is a bug in it; stopping (after an abort) is the only safe answer.
     let results =
         results.map_err(|e| Step::Stop(Error::Worker(format!("the processor panicked: {e}"))))?;
@@ -921,6 +909,18 @@ struct Batch {
     /// The longest partition run: what the batch's duration is divided by to estimate the
     /// processing time per record.
     longest: usize,
+    /// Whether its runs are processed as parallel tasks: when there are several and the last
+    /// batch took long enough for that to pay (see [`process_groups`]).
+    parallel: bool,
+}
+
+/// How many buffered records the next batch takes: at most [`MAX_BATCH`], and no more than
+/// the transaction (holding `taken` records already) may still hold.
+fn batch_size(st: &LoopState, max_per_transaction: usize, taken: usize) -> usize {
+    max_per_transaction
+        .saturating_sub(taken)
+        .min(MAX_BATCH)
+        .min(st.buffer.len())
 }
 
 /// Takes up to `n` buffered records, round-robin over partitions.
@@ -950,10 +950,12 @@ fn take_batch(st: &mut LoopState, n: usize, commit_interval: Duration) -> Batch 
         .map(|records| (records, spare.outcomes(), spare.outputs()))
         .collect();
     let longest = groups.iter().map(|g| g.0.len()).max().unwrap_or(0);
+    let parallel = groups.len() > 1 && st.last_batch >= PARALLEL_ABOVE;
     Batch {
         groups,
         prior,
         longest,
+        parallel,
     }
 }
 
@@ -977,7 +979,6 @@ fn note_rewind_points(st: &mut LoopState, groups: &[Processed]) {
 fn process_groups<P, C>(
     shared: &Arc<Shared<P, C>>,
     batch: Batch,
-    parallel: bool,
 ) -> impl Future<Output = Result<Vec<Processed>, String>> + Send + 'static
 where
     P: Processor,
@@ -987,7 +988,12 @@ where
     let codec = Arc::clone(&shared.codec);
     let decode_failure = shared.config.decode_failure;
     let max_attempts = shared.config.max_attempts;
-    let Batch { groups, prior, .. } = batch;
+    let Batch {
+        groups,
+        prior,
+        parallel,
+        ..
+    } = batch;
     let prior = Arc::new(prior);
     // Where the partitions' runs are processed: as tasks on the runtime's worker threads, in
     // parallel, when the last batch took long enough for that to pay; otherwise concurrently
