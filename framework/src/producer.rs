@@ -251,10 +251,20 @@ impl TxProducer {
         if let Some(ts) = record.timestamp.or(input_timestamp) {
             base = base.timestamp(ts);
         }
+        // Whether the queue held nothing when this send was last refused.
+        let mut refused_when_empty = false;
         loop {
             match self.inner.send(base) {
                 Ok(()) => return Ok(()),
                 Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    // A record larger than `queue.buffering.max.kbytes` (possible when
+                    // `message.max.bytes` is raised above it) is refused even by an empty
+                    // queue, and waiting would hang the pipeline for ever. Only this thread
+                    // enqueues, so a refusal right after the queue was seen empty is final.
+                    if refused_when_empty {
+                        return Err(SendRejected(e));
+                    }
+                    refused_when_empty = self.inner.in_flight_count() == 0;
                     // The background thread drains the queue as the broker acknowledges; a
                     // zero-timeout flush sends what is still lingering now rather than after
                     // `linger.ms`, so a full queue never waits for it.
@@ -627,6 +637,42 @@ mod tests {
         );
         // Let the abandoned call finish, so its thread ends with the test.
         mock.broker_up(2)?;
+        Ok(())
+    }
+
+    /// Before the guard in `send`, this record waited for room in the queue for ever.
+    #[test]
+    fn a_record_larger_than_the_whole_producer_queue_is_rejected_not_waited_for()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(1)?;
+        mock.create_topic("out", 1, 1)?;
+        let config = mock_config(&mock, "record-larger-than-queue", Duration::from_secs(30))
+            .producer_property("queue.buffering.max.kbytes", "1")
+            .build()?;
+        let producer = TxProducer::create_and_init(&config)?;
+        producer.begin()?;
+        producer
+            .send(&OutputRecord::to("out").value(vec![1u8; 100]), None, None)
+            .map_err(|e| e.0)?;
+
+        // On a thread of its own, so that a send waiting for ever fails the test rather than
+        // hanging it.
+        let big = OutputRecord::to("out").value(vec![2u8; 4096]);
+        let (done, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let sent = producer.send(&big, None, None);
+            let _ = done.send((producer, sent));
+        });
+        let (producer, sent) = result
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|_| "send still waiting after 20 s for room that never comes")?;
+        match sent {
+            Err(SendRejected(e)) => {
+                assert_eq!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull));
+            }
+            Ok(()) => return Err("a 4 KiB record fit a 1 KiB queue".into()),
+        }
+        producer.abort()?;
         Ok(())
     }
 
