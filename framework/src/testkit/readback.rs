@@ -225,15 +225,54 @@ pub fn end_offsets_blocking(
     let consumer = reader(bootstrap, isolation)?;
     let mut ends = BTreeMap::new();
     for p in partitions_of(&consumer, topic)? {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .map_err(|source| TestkitError::Admin {
-                context: format!("fetching the end offset of {topic}/{p}"),
-                source,
-            })?;
+        let high = watermark_retrying(&consumer, topic, p)?;
         ends.insert(p, high);
     }
     Ok(ends)
+}
+
+/// How long [`end_offsets_blocking`] keeps asking while the broker answers that a partition
+/// has no leader (yet, or for the moment).
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// The high watermark of `topic`/`partition` (the last stable offset under `read_committed`).
+///
+/// A leadership answer (`NotLeaderForPartition`, `LeaderNotAvailable`) is asked again for up to
+/// [`LEADER_WAIT`]: a progress check that polls every 50 ms met one once on a single broker,
+/// right after the topic was created with every leader elected, and the benchmark died of it;
+/// a broker restarting in a chaos test answers the same way for a moment. Anything else fails
+/// at once.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a blocking read-back helper, never called on the async executor"
+)]
+fn watermark_retrying<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Result<i64> {
+    let started = Instant::now();
+    loop {
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(10)) {
+            Ok((_, high)) => return Ok(high),
+            Err(source) => {
+                let leadership = matches!(
+                    source.rdkafka_error_code(),
+                    Some(
+                        rdkafka::types::RDKafkaErrorCode::NotLeaderForPartition
+                            | rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable
+                    )
+                );
+                if !leadership || started.elapsed() >= LEADER_WAIT {
+                    return Err(TestkitError::Admin {
+                        context: format!("fetching the end offset of {topic}/{partition}"),
+                        source,
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }
 
 /// The offsets `group` has committed for `topic`, per partition (`None`: nothing committed).
@@ -299,4 +338,29 @@ fn committed_offsets(
             (e.partition(), offset)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::DefaultProducerContext;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    use super::*;
+
+    /// librdkafka's mock cluster, used only to inject the broker's answers: more refusals
+    /// than librdkafka itself retries.
+    #[test]
+    fn end_offsets_ask_again_while_a_partition_has_no_leader()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::<DefaultProducerContext>::new(1)?;
+        mock.create_topic("t", 2, 1)?;
+        mock.request_errors(
+            RDKafkaApiKey::ListOffsets,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 20],
+        );
+        let ends = end_offsets_blocking(&mock.bootstrap_servers(), "t", Isolation::ReadCommitted)?;
+        assert_eq!(ends, BTreeMap::from([(0, 0), (1, 0)]));
+        Ok(())
+    }
 }
