@@ -559,13 +559,13 @@ async fn preload(kafka: &Kafka, topic: &str, records: u64, size: usize) -> anyho
 /// each repeat, and step through the list by a stride coprime with its length, a different
 /// stride each repeat.
 ///
-/// Why not a plain rotation: it gives every mode the same predecessor in every repeat, and
-/// what ran before can cost the next mode (a mode that commits a hundred transactions a second
-/// may leave the broker compacting `__transaction_state` and `__consumer_offsets`, a JVM mode
-/// leaves the page cache and the CPU caches its own). Under rotation `onceflow-100ms` always
-/// followed `onceflow-10ms`, and its side-by-side `onceflow-100ms-baseline` always followed
-/// `kstreams-alo`; three full profiles measured the baseline build faster at 1 KB while the
-/// three-mode comparisons measured it the same or slower.
+/// Why not a plain rotation: it gives every mode the same predecessor in every repeat, so
+/// whatever a mode leaves behind for the next (a broker compacting `__transaction_state` after
+/// a hundred transactions a second, a JVM's page cache) falls on the same mode every time.
+/// Under rotation `onceflow-100ms` always followed `onceflow-10ms` and its side-by-side
+/// `onceflow-100ms-baseline` always followed `kstreams-alo`, which was suspected of the 1 KB
+/// disagreement between full profiles and three-mode runs (`docs/benchmarks.md`); varying the
+/// order takes that suspect out of every later comparison.
 fn run_order(n: usize, repeat: usize) -> Vec<usize> {
     if n == 0 {
         return Vec::new();
