@@ -251,7 +251,7 @@ impl TxProducer {
         if let Some(ts) = record.timestamp.or(input_timestamp) {
             base = base.timestamp(ts);
         }
-        // Whether the queue held nothing when this send was last refused.
+        // Whether the queue was seen empty right after this send was last refused.
         let mut refused_when_empty = false;
         loop {
             match self.inner.send(base) {
