@@ -63,10 +63,10 @@ const MAX_BUFFERED: usize = 20_000;
 ///
 /// Why 4 MiB: the buffer need hold only the next batch and what one poll adds; librdkafka's
 /// own queue (`queued.max.messages.kbytes`, 8 MiB by default here) is the prefetch that hides
-/// the broker's latency. At 16 MiB, with 1 KiB records, the buffer stayed full and held
-/// ~15,000 records a few hundred milliseconds before they were processed: 20 MiB more peak RSS
-/// (79 against 58 MiB in the benchmark, side by side) and no more throughput. At 100 B the
-/// record count is the bound (20,000 records are ~2.5 MiB).
+/// the broker's latency. At 16 MiB, with 1 KiB records, the bytes were the binding bound and
+/// the buffer could hold ~15,000 records behind librdkafka's queue, a second prefetch: 20 MiB
+/// more peak RSS (79 against 58 MiB in the benchmark, side by side) and no more throughput.
+/// At 100 B the record count is the bound (20,000 records are ~2.5 MiB).
 const MAX_BUFFERED_BYTES: usize = 4 << 20;
 /// A batch is processed in parallel (a task per partition) when the previous one took at least
 /// this long; below it, handing work to other threads costs more than it saves.
