@@ -168,12 +168,13 @@ impl TxProducer {
             );
         }
         // librdkafka's default allows 1 GiB and 100,000 unacknowledged records; a transaction
-        // is flushed at every commit anyway, and 8 MiB and 30,000 records kept the measured
+        // is flushed at every commit anyway, and 4 MiB and 30,000 records kept the measured
         // throughput (docs/benchmarks.md) while bounding an instance's memory — with small
-        // records the count, not the bytes, is what bounds it. A full queue makes `send` wait,
-        // not fail.
+        // records the count, not the bytes, is what bounds it; with 1 KiB records 4 MiB took
+        // ~3 MiB off the peak against 8. A full queue makes `send` wait, not fail (a record
+        // larger than the whole queue is rejected, see `send`).
         if !tuned("queue.buffering.max.kbytes") {
-            cc.set("queue.buffering.max.kbytes", "8192");
+            cc.set("queue.buffering.max.kbytes", "4096");
         }
         if !tuned("queue.buffering.max.messages") {
             cc.set("queue.buffering.max.messages", "30000");

@@ -62,7 +62,7 @@ const MAX_BUFFERED: usize = 20_000;
 /// alone would let the buffer hold hundreds of megabytes.
 ///
 /// Why 4 MiB: the buffer need hold only the next batch and what one poll adds; librdkafka's
-/// own queue (`queued.max.messages.kbytes`, 8 MiB by default here) is the prefetch that hides
+/// own queue (`queued.max.messages.kbytes`, 6 MiB by default here) is the prefetch that hides
 /// the broker's latency. At 16 MiB, with 1 KiB records, the bytes were the binding bound and
 /// the buffer could hold ~15,000 records behind librdkafka's queue, a second prefetch: 20 MiB
 /// more peak RSS (79 against 58 MiB in the benchmark, side by side) and no more throughput.
