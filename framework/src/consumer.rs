@@ -80,12 +80,13 @@ pub(crate) fn create<Ctx: ConsumerContext>(
     // librdkafka's default prefetch is up to 64 MiB and 100,000 records; with the loop's own
     // buffer behind it, 8 MiB and 30,000 records kept the benchmark's throughput and cut the
     // worker's peak memory from 67 to 43 MiB at 100 B records (and its CPU per record: fewer
-    // records in flight, fewer cache misses and less allocator churn). 6 MiB rather than 8:
-    // at 1 KiB records the bytes are the bound that binds, and 6 MiB took ~4 MiB more off the
-    // peak at no measured cost at 100 B, where the count binds first; 4 MiB did cost 100 B
-    // throughput (~13%). See docs/benchmarks.md.
+    // records in flight, fewer cache misses and less allocator churn). 4 MiB rather than 8:
+    // at 1 KiB records the bytes are the bound that binds, and 4 MiB took ~5 MiB off the peak
+    // (side by side with 6 MiB: 50.6 → 45.9 MiB) with no measured cost at 100 B, where the
+    // count binds first (two runs of 3 and 4 repeats; one earlier run measured a 13 % loss
+    // there — see docs/benchmarks.md).
     if !tuned("queued.max.messages.kbytes") {
-        cc.set("queued.max.messages.kbytes", "6144");
+        cc.set("queued.max.messages.kbytes", "4096");
     }
     if !tuned("queued.min.messages") {
         cc.set("queued.min.messages", "30000");
@@ -170,7 +171,7 @@ pub(crate) struct Polled {
 /// partition holds none. Every block but the newest is at least three quarters used (a value
 /// that does not fit starts a new block only when it is at most a quarter of one), so blocks
 /// add at most a third to the values' bytes, plus one block per busy partition (~3 MiB for
-/// 100 of them, beside the buffer's 4 MiB bound).
+/// 100 of them, beside the buffer's 2 MiB bound).
 #[derive(Debug, Default)]
 pub(crate) struct Values {
     block: BytesMut,

@@ -61,13 +61,15 @@ const MAX_BUFFERED: usize = 20_000;
 /// At most this many bytes (keys and values) are buffered in all: with large records the count
 /// alone would let the buffer hold hundreds of megabytes.
 ///
-/// Why 4 MiB: the buffer need hold only the next batch and what one poll adds; librdkafka's
-/// own queue (`queued.max.messages.kbytes`, 6 MiB by default here) is the prefetch that hides
-/// the broker's latency. At 16 MiB, with 1 KiB records, the bytes were the binding bound and
-/// the buffer could hold ~15,000 records behind librdkafka's queue, a second prefetch: 20 MiB
-/// more peak RSS (79 against 58 MiB in the benchmark, side by side) and no more throughput.
-/// At 100 B the record count is the bound (20,000 records are ~2.5 MiB).
-const MAX_BUFFERED_BYTES: usize = 4 << 20;
+/// Why 2 MiB: the buffer need hold only the next batch ([`MAX_BATCH`] records, 2 MiB of 1 KiB
+/// records) and what one poll adds; librdkafka's own queue (`queued.max.messages.kbytes`,
+/// 4 MiB by default here) is the prefetch that hides the broker's latency. At 16 MiB, with
+/// 1 KiB records, the bytes were the binding bound and the buffer could hold ~15,000 records
+/// behind librdkafka's queue, a second prefetch: 20 MiB more peak RSS (79 against 58 MiB in
+/// the benchmark, side by side) and no more throughput; 4 → 2 MiB took another ~4 MiB off
+/// (with the 4 MiB consumer queue: 45.9 → 41.6 MiB), throughput the same at both sizes. With
+/// 100 B records the two bounds meet (20,000 records of the benchmark's are ~2.1 MiB).
+const MAX_BUFFERED_BYTES: usize = 2 << 20;
 /// A batch is processed in parallel (a task per partition) when the previous one took at least
 /// this long; below it, handing work to other threads costs more than it saves.
 const PARALLEL_ABOVE: Duration = Duration::from_millis(5);
@@ -261,7 +263,7 @@ pub(crate) struct Spare {
 const MAX_SPARE: usize = 16;
 /// A vector that grew past this many elements (a processor that fans one record out into many
 /// outputs) is freed rather than kept. With [`MAX_SPARE`], what is kept stays around 2 MiB at
-/// the most, small beside the buffer's [`MAX_BUFFERED_BYTES`].
+/// the most (the vectors; what they held is freed with the batch).
 const MAX_SPARE_CAPACITY: usize = MAX_PER_PARTITION;
 
 impl Spare {
