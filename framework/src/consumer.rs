@@ -171,7 +171,7 @@ pub(crate) struct Polled {
 /// partition holds none. Every block but the newest is at least three quarters used (a value
 /// that does not fit starts a new block only when it is at most a quarter of one), so blocks
 /// add at most a third to the values' bytes, plus one block per busy partition (~3 MiB for
-/// 100 of them, beside the buffer's 2 MiB bound).
+/// 100 of them, beside the buffer's 4 MiB bound).
 #[derive(Debug, Default)]
 pub(crate) struct Values {
     block: BytesMut,

@@ -61,15 +61,17 @@ const MAX_BUFFERED: usize = 20_000;
 /// At most this many bytes (keys and values) are buffered in all: with large records the count
 /// alone would let the buffer hold hundreds of megabytes.
 ///
-/// Why 2 MiB: the buffer need hold only the next batch ([`MAX_BATCH`] records, 2 MiB of 1 KiB
-/// records) and what one poll adds; librdkafka's own queue (`queued.max.messages.kbytes`,
-/// 4 MiB by default here) is the prefetch that hides the broker's latency. At 16 MiB, with
-/// 1 KiB records, the bytes were the binding bound and the buffer could hold ~15,000 records
-/// behind librdkafka's queue, a second prefetch: 20 MiB more peak RSS (79 against 58 MiB in
-/// the benchmark, side by side) and no more throughput; 4 → 2 MiB took another ~4 MiB off
-/// (with the 4 MiB consumer queue: 45.9 → 41.6 MiB), throughput the same at both sizes. With
-/// 100 B records the two bounds meet (20,000 records of the benchmark's are ~2.1 MiB).
-const MAX_BUFFERED_BYTES: usize = 2 << 20;
+/// Why 4 MiB: the buffer need hold only the next batches and what one poll adds; librdkafka's
+/// own queue (`queued.max.messages.kbytes`, 4 MiB by default here) is the prefetch that hides
+/// the broker's latency. At 16 MiB, with 1 KiB records, the bytes were the binding bound and
+/// the buffer could hold ~15,000 records behind librdkafka's queue, a second prefetch: 20 MiB
+/// more peak RSS (79 against 58 MiB in the benchmark, side by side) and no more throughput.
+/// Not 2 MiB (one batch, [`MAX_BATCH`] records, of 1 KiB records): that took another ~4 MiB
+/// off at the same throughput, but with 1 KiB records at 40,000–49,000 records/s its p99
+/// latency was 1.2–4.1 s in five side-by-side runs, against 0.7–1.1 s for the previous
+/// settings in the same runs (docs/benchmarks.md). At 100 B the record count is the bound
+/// (20,000 records are ~2.1 MiB).
+const MAX_BUFFERED_BYTES: usize = 4 << 20;
 /// A batch is processed in parallel (a task per partition) when the previous one took at least
 /// this long; below it, handing work to other threads costs more than it saves.
 const PARALLEL_ABOVE: Duration = Duration::from_millis(5);
