@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use onceflow::testkit::{self, Isolation, Kafka, ReadRecord};
 use onceflow::{Pipeline, PipelineConfig, PipelineConfigBuilder, RunSummary};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 
 /// The input of the exactly-once scenarios: one event of one user.
@@ -97,25 +98,57 @@ pub fn input_producer(kafka: &Kafka) -> FutureProducer {
 }
 
 /// [`produce_raw`] with an existing producer.
+///
+/// Records are enqueued strictly in slice order, so one key's records land on its partition in
+/// that order (the idempotent producer keeps enqueue order through retries). Why not
+/// `FutureProducer::send` for each record and join them: when librdkafka's queue is full
+/// (100,000 records by default) each refused send sleeps 100 ms and tries again, and the
+/// sleepers wake in no particular order — the scenarios' per-user order checks then failed on
+/// input that was already out of order. Here a refused record waits for the oldest delivery
+/// instead, and nothing after it is enqueued first.
 pub async fn produce_raw_with(
     producer: &FutureProducer,
     topic: &str,
     records: &[(String, Vec<u8>)],
 ) {
-    let sends: Vec<_> = records
-        .iter()
-        .map(|(k, v)| {
-            producer.send(
-                FutureRecord::to(topic)
-                    .key(k.as_str())
-                    .payload(v.as_slice()),
-                Duration::from_secs(60),
-            )
-        })
-        .collect();
-    for s in futures::future::join_all(sends).await {
-        s.map_err(|(e, _)| e).expect("input record acknowledged");
+    let mut pending = std::collections::VecDeque::new();
+    for (k, v) in records {
+        let mut record = FutureRecord::to(topic)
+            .key(k.as_str())
+            .payload(v.as_slice());
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
+                    record = back;
+                    let oldest = pending
+                        .pop_front()
+                        .expect("librdkafka's queue is full, so a delivery is pending");
+                    acknowledged(oldest.await);
+                }
+                Err((e, _)) => panic!("input record not enqueued: {e}"),
+            }
+        }
     }
+    for delivery in pending {
+        acknowledged(delivery.await);
+    }
+}
+
+/// Panics unless a delivery succeeded.
+fn acknowledged(
+    delivery: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) {
+    delivery
+        .expect("delivery report")
+        .map_err(|(e, _)| e)
+        .expect("input record acknowledged");
 }
 
 /// Produces `events` as JSON keyed by user.
@@ -279,6 +312,8 @@ pub struct Verdict {
     pub unexpected: Vec<u64>,
     /// Outputs of one user whose seq did not increase along their partition.
     pub order_violations: usize,
+    /// The first order violation: where it is and which seqs, for the failure message.
+    pub first_order_violation: Option<String>,
     /// Outputs not on the partition the Java client would pick for their key.
     pub misrouted: usize,
     /// Outputs whose value is not the expected transform of their input.
@@ -296,7 +331,7 @@ impl Verdict {
                 && self.misrouted == 0
                 && self.wrong_values == 0,
             "exactly-once violated: {} outputs, {} duplicates (first {:?}), {} missing (first {:?}), \
-             {} unexpected, {} order violations, {} misrouted, {} wrong values",
+             {} unexpected, {} order violations (first: {}), {} misrouted, {} wrong values",
             self.outputs,
             self.duplicates.len(),
             self.duplicates.iter().take(10).collect::<Vec<_>>(),
@@ -304,6 +339,7 @@ impl Verdict {
             self.missing.iter().take(10).collect::<Vec<_>>(),
             self.unexpected.len(),
             self.order_violations,
+            self.first_order_violation.as_deref().unwrap_or("none"),
             self.misrouted,
             self.wrong_values
         );
@@ -332,7 +368,8 @@ pub fn verify(expected: &[Event], outputs: &[ReadRecord], partitions: i32) -> Ve
         outputs: outputs.len(),
         ..Verdict::default()
     };
-    let mut last_seq: HashMap<(i32, String), u64> = HashMap::new();
+    // Per (partition, user): the last seq seen and the offset it was at.
+    let mut last_seq: HashMap<(i32, String), (u64, i64)> = HashMap::new();
     for r in outputs {
         let Ok(out) = serde_json::from_slice::<Enriched>(r.value.as_deref().unwrap_or_default())
         else {
@@ -350,12 +387,18 @@ pub fn verify(expected: &[Event], outputs: &[ReadRecord], partitions: i32) -> Ve
             verdict.misrouted += 1;
         }
         let slot = (r.partition, out.user.clone());
-        if let Some(prev) = last_seq.get(&slot)
-            && out.seq <= *prev
+        if let Some(&(prev_seq, prev_offset)) = last_seq.get(&slot)
+            && out.seq <= prev_seq
         {
             verdict.order_violations += 1;
+            verdict.first_order_violation.get_or_insert_with(|| {
+                format!(
+                    "{} on partition {}: seq {} (id {}) at offset {} after seq {} at offset {}",
+                    out.user, r.partition, out.seq, out.id, r.offset, prev_seq, prev_offset
+                )
+            });
         }
-        last_seq.insert(slot, out.seq);
+        last_seq.insert(slot, (out.seq, r.offset));
     }
     verdict.duplicates = seen
         .iter()
