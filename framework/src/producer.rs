@@ -174,7 +174,7 @@ impl TxProducer {
         // ~3 MiB off the peak against 8. A full queue makes `send` wait, not fail (a record
         // larger than the whole queue is rejected, see `send`).
         if !tuned("queue.buffering.max.kbytes") {
-            cc.set("queue.buffering.max.kbytes", "8192");
+            cc.set("queue.buffering.max.kbytes", "4096");
         }
         if !tuned("queue.buffering.max.messages") {
             cc.set("queue.buffering.max.messages", "30000");
