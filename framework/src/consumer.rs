@@ -84,9 +84,9 @@ pub(crate) fn create<Ctx: ConsumerContext>(
     // at 1 KiB records the bytes are the bound that binds, and 4 MiB took ~5 MiB off the peak
     // (side by side with 6 MiB: 50.6 → 45.9 MiB) with no measured cost at 100 B, where the
     // count binds first (two runs of 3 and 4 repeats; one earlier run measured a 13 % loss
-    // there). Open: near saturation with 1 KiB records the p99 latency was longer with the
-    // smaller queues in most side-by-side runs, for reasons not yet known — see
-    // docs/benchmarks.md, "What is left".
+    // there). Nor on latency: single side-by-side phases near saturation once suggested a
+    // longer 1 KiB p99 tail with the smaller queues, but three repeated latency-only runs
+    // found no setting consistently shorter (docs/benchmarks.md, "What is left").
     if !tuned("queued.max.messages.kbytes") {
         cc.set("queued.max.messages.kbytes", "4096");
     }
