@@ -124,10 +124,11 @@ pub async fn produce_raw_with(
                 }
                 Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
                     record = back;
-                    let oldest = pending
-                        .pop_front()
-                        .expect("librdkafka's queue is full, so a delivery is pending");
-                    acknowledged(oldest.await);
+                    // Another caller's records may fill a shared producer's queue.
+                    match pending.pop_front() {
+                        Some(oldest) => acknowledged(oldest.await),
+                        None => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
                 }
                 Err((e, _)) => panic!("input record not enqueued: {e}"),
             }
