@@ -88,13 +88,17 @@ pub async fn produce_raw(kafka: &Kafka, topic: &str, records: &[(String, Vec<u8>
 
 /// The idempotent, Java-partitioned producer the tests write input with.
 pub fn input_producer(kafka: &Kafka) -> FutureProducer {
-    kafka
-        .client_config()
+    input_producer_config(kafka).create().expect("producer")
+}
+
+/// [`input_producer`]'s configuration, for a test that changes one setting of it.
+pub fn input_producer_config(kafka: &Kafka) -> rdkafka::ClientConfig {
+    let mut config = kafka.client_config();
+    config
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer")
+        .set("linger.ms", "5");
+    config
 }
 
 /// [`produce_raw`] with an existing producer.
@@ -369,8 +373,7 @@ pub fn verify(expected: &[Event], outputs: &[ReadRecord], partitions: i32) -> Ve
         outputs: outputs.len(),
         ..Verdict::default()
     };
-    // Per (partition, user): the last seq seen and the offset it was at.
-    let mut last_seq: HashMap<(i32, String), (u64, i64)> = HashMap::new();
+    let mut order = OrderCheck::default();
     for r in outputs {
         let Ok(out) = serde_json::from_slice::<Enriched>(r.value.as_deref().unwrap_or_default())
         else {
@@ -387,20 +390,10 @@ pub fn verify(expected: &[Event], outputs: &[ReadRecord], partitions: i32) -> Ve
         if onceflow::partitioner::partition_for_key(key, partitions) != Some(r.partition) {
             verdict.misrouted += 1;
         }
-        let slot = (r.partition, out.user.clone());
-        if let Some(&(prev_seq, prev_offset)) = last_seq.get(&slot)
-            && out.seq <= prev_seq
-        {
-            verdict.order_violations += 1;
-            verdict.first_order_violation.get_or_insert_with(|| {
-                format!(
-                    "{} on partition {}: seq {} (id {}) at offset {} after seq {} at offset {}",
-                    out.user, r.partition, out.seq, out.id, r.offset, prev_seq, prev_offset
-                )
-            });
-        }
-        last_seq.insert(slot, (out.seq, r.offset));
+        order.observe(r.partition, r.offset, &out.user, out.seq, out.id);
     }
+    verdict.order_violations = order.violations;
+    verdict.first_order_violation = order.first;
     verdict.duplicates = seen
         .iter()
         .filter(|(_, n)| **n > 1)
@@ -413,6 +406,36 @@ pub fn verify(expected: &[Event], outputs: &[ReadRecord], partitions: i32) -> Ve
         .filter(|id| !seen_ids.contains(id))
         .collect();
     verdict
+}
+
+/// Per-user order along each partition: one user's seqs must increase in offset order.
+#[derive(Debug, Default)]
+pub struct OrderCheck {
+    /// Per (partition, user): the last seq seen and the offset it was at.
+    last: HashMap<(i32, String), (u64, i64)>,
+    /// Records whose seq did not increase.
+    pub violations: usize,
+    /// The first of them: where it is and which seqs.
+    pub first: Option<String>,
+}
+
+impl OrderCheck {
+    /// Notes record `id` (`user`'s `seq`) at `offset` of `partition`; call in offset order.
+    pub fn observe(&mut self, partition: i32, offset: i64, user: &str, seq: u64, id: u64) {
+        let slot = (partition, user.to_owned());
+        if let Some(&(prev_seq, prev_offset)) = self.last.get(&slot)
+            && seq <= prev_seq
+        {
+            self.violations += 1;
+            self.first.get_or_insert_with(|| {
+                format!(
+                    "{user} on partition {partition}: seq {seq} (id {id}) at offset {offset} \
+                     after seq {prev_seq} at offset {prev_offset}"
+                )
+            });
+        }
+        self.last.insert(slot, (seq, offset));
+    }
 }
 
 /// Checks a verdict's negative: read_uncommitted must show more records than read_committed

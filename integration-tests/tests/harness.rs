@@ -3,7 +3,8 @@
 
 use onceflow::testkit::{Isolation, Kafka, ReadRecord};
 use onceflow_integration_tests::{
-    Event, enrich, events, init_tracing, produce_events_with, read, unique, verify,
+    Event, OrderCheck, enrich, events, init_tracing, input_producer_config, produce_events_with,
+    read, unique, verify,
 };
 use rdkafka::producer::FutureProducer;
 
@@ -17,11 +18,7 @@ async fn input_keeps_each_users_order_when_the_producer_queue_is_full() {
     let kafka = Kafka::shared().await.expect("broker");
     let topic = unique("harness-order");
     kafka.create_topic(&topic, 2, 1).await.expect("topic");
-    let producer: FutureProducer = kafka
-        .client_config()
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
+    let producer: FutureProducer = input_producer_config(kafka)
         .set("queue.buffering.max.messages", "100")
         .create()
         .expect("producer");
@@ -30,19 +27,15 @@ async fn input_keeps_each_users_order_when_the_producer_queue_is_full() {
 
     let back = read(kafka, &topic, Isolation::ReadCommitted).await;
     assert_eq!(back.len(), input.len(), "every input record written once");
-    let mut last: std::collections::HashMap<(i32, String), u64> = Default::default();
-    let mut disorders = 0;
+    let mut order = OrderCheck::default();
     for r in &back {
         let e: Event = serde_json::from_slice(r.value.as_deref().expect("value")).expect("event");
-        if let Some(prev) = last.insert((r.partition, e.user.clone()), e.seq)
-            && e.seq <= prev
-        {
-            disorders += 1;
-        }
+        order.observe(r.partition, r.offset, &e.user, e.seq, e.id);
     }
     assert_eq!(
-        disorders, 0,
-        "input records out of per-user order on their partition"
+        order.violations, 0,
+        "input records out of per-user order on their partition (first: {:?})",
+        order.first
     );
 }
 
