@@ -54,6 +54,16 @@ use crate::shutdown::ShutdownHandle;
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
 /// At most this many records are polled in one round, and taken for processing at once.
 const MAX_BATCH: usize = 2_000;
+/// At most about this many bytes (keys and values, at the buffer's average record size) are
+/// taken for processing at once.
+///
+/// Why: a batch's inputs, their decoded values and their outputs are all alive until the batch
+/// is produced, and the loop's buffer refills behind it meanwhile. With 1 KiB records a batch
+/// of [`MAX_BATCH`] held ~2 MiB of inputs and more of outputs; at this bound (~500 such
+/// records) peak RSS was 39–41 MiB against 44–48 in every repeat of a side-by-side run, at the
+/// same throughput (docs/benchmarks.md). Small records are bounded by the count alone (2,000
+/// records of 100 B are ~250 KiB).
+const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// At most this many records of one partition are taken for processing at once.
 const MAX_PER_PARTITION: usize = 500;
 /// At most this many records are buffered in all (bounds memory whatever the partition count).
@@ -66,7 +76,7 @@ const MAX_BUFFERED: usize = 20_000;
 /// the broker's latency. At 16 MiB, with 1 KiB records, the bytes were the binding bound and
 /// the buffer could hold ~15,000 records behind librdkafka's queue, a second prefetch: 20 MiB
 /// more peak RSS (79 against 58 MiB in the benchmark, side by side) and no more throughput.
-/// Not 2 MiB (one batch, [`MAX_BATCH`] records, of 1 KiB records): that took another ~4 MiB
+/// Not 2 MiB (then one batch, [`MAX_BATCH`] records, of 1 KiB records): that took another ~4 MiB
 /// off at the same throughput, but with 1 KiB records at 40,000–49,000 records/s its p99
 /// latency was 1.2–4.1 s in five latency phases (three runs), against 0.7–1.1 s for the
 /// 8 MiB queues and this 4 MiB buffer side by side (docs/benchmarks.md) — single phases at a
@@ -927,13 +937,26 @@ struct Batch {
     parallel: bool,
 }
 
-/// How many buffered records the next batch takes: at most [`MAX_BATCH`], and no more than
-/// the transaction (holding `taken` records already) may still hold.
+/// How many buffered records the next batch takes: at most [`MAX_BATCH`], about
+/// [`MAX_BATCH_BYTES`] at the buffer's average record size (at least one record), and no more
+/// than the transaction (holding `taken` records already) may still hold.
 fn batch_size(st: &LoopState, max_per_transaction: usize, taken: usize) -> usize {
     max_per_transaction
         .saturating_sub(taken)
         .min(MAX_BATCH)
+        .min(records_in_batch_bytes(st.buffer.len(), st.buffer.bytes))
         .min(st.buffer.len())
+}
+
+/// How many of `len` buffered records holding `bytes` in all fit in [`MAX_BATCH_BYTES`] at
+/// their average size; at least one, so a record larger than the bound is still taken.
+fn records_in_batch_bytes(len: usize, bytes: usize) -> usize {
+    if bytes == 0 {
+        return len;
+    }
+    // In u128: the product of two `usize`s cannot overflow it.
+    let fit = (MAX_BATCH_BYTES as u128 * len as u128) / bytes as u128;
+    usize::try_from(fit).unwrap_or(usize::MAX).max(1)
 }
 
 /// Takes up to `n` buffered records, round-robin over partitions.
@@ -1993,6 +2016,25 @@ mod tests {
         assert!(run.capacity() <= MAX_SPARE_CAPACITY, "{}", run.capacity());
         spare.keep(run, Vec::new(), Vec::new());
         assert_eq!(spare.records.len(), 1, "the grown vector is kept");
+    }
+
+    #[test]
+    fn a_batch_of_large_records_is_bounded_by_bytes_and_one_of_small_records_by_count() {
+        let fill = |size: usize| {
+            let mut buffer = Buffer::default();
+            for offset in 0..4_000 {
+                buffer.push_owned(&record(0, offset, size));
+            }
+            records_in_batch_bytes(buffer.len(), buffer.bytes)
+        };
+        // 1 KiB values: MAX_BATCH_BYTES of them, far fewer than MAX_BATCH.
+        assert_eq!(fill(1024), MAX_BATCH_BYTES / 1024);
+        // 100-byte values: the bytes bound lies past MAX_BATCH, which stays the bound.
+        assert!(fill(100) > MAX_BATCH, "{}", fill(100));
+        // One record larger than the bound is still taken on its own.
+        assert_eq!(records_in_batch_bytes(3, 3 * (MAX_BATCH_BYTES + 1)), 1);
+        // Records without key or value bytes are bounded by their count alone.
+        assert_eq!(records_in_batch_bytes(7, 0), 7);
     }
 
     #[test]
