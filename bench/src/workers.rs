@@ -141,8 +141,7 @@ impl Processor for Enrich {
     type Input = Item;
 
     async fn process(&self, r: &Record<Item>, out: &mut Output) -> Result<(), ProcessError> {
-        let value = serde_json::to_vec(&Enriched::of(&r.value)).map_err(ProcessError::fatal)?;
-        let mut o = OutputRecord::to(&self.0).value(value);
+        let mut o = OutputRecord::to(&self.0).json(&Enriched::of(&r.value))?;
         if let Some(k) = &r.key {
             o = o.key(k.as_slice());
         }

@@ -1,12 +1,14 @@
-//! Decoding input values into the processor's `Input` type.
+//! Decoding input values into the processor's `Input` type, and encoding output values as JSON.
 //!
 //! A pipeline has one codec for its input. [`Json`] (the default) decodes with serde; [`Raw`]
 //! hands the bytes over untouched, for processors that parse themselves. A value that cannot be
 //! decoded never reaches the processor and never panics: it is dead-lettered (or, if so
 //! configured, stops the pipeline) with the codec's error as the reason.
 
+use std::cell::RefCell;
 use std::marker::PhantomData;
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Why a value could not be decoded.
@@ -84,6 +86,41 @@ where
     }
 }
 
+/// A per-thread scratch buffer larger than this is dropped after use, so one huge value does
+/// not keep its memory alive on every thread that ever encoded one.
+const SCRATCH_KEEP: usize = 64 * 1024;
+
+/// `value` as JSON, in a vector of exactly its length. What [`OutputRecord::json`] uses.
+///
+/// Why not `serde_json::to_vec`: it grows its vector from empty, doubling — eight reallocations
+/// for a 1 KiB value, each of which may move the bytes written so far. In the transaction loop
+/// every output of a batch stays alive until the batch is produced, so the allocator can seldom
+/// grow one in place: a `perf` profile of the benchmark's worker at 1 KiB put `realloc` alone at
+/// ~0.19 CPU µs per record, against ~0.03 for the at-least-once copy loop, whose one output at
+/// a time is freed before the next. Here the value is written into a per-thread scratch buffer
+/// that keeps its capacity between calls, then copied once into an allocation of the right
+/// size, while the bytes are still in cache (the worker thread: ~2.57 → ~2.33 µs per record).
+///
+/// [`OutputRecord::json`]: crate::OutputRecord::json
+pub(crate) fn encode_json<V: Serialize + ?Sized>(value: &V) -> serde_json::Result<Vec<u8>> {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| {
+        // Taken already only if a `Serialize` impl encodes another value itself: that inner
+        // call pays the plain way rather than panic.
+        let Ok(mut buf) = scratch.try_borrow_mut() else {
+            return serde_json::to_vec(value);
+        };
+        buf.clear();
+        let encoded = serde_json::to_writer(&mut *buf, value).map(|()| buf.to_vec());
+        if buf.capacity() > SCRATCH_KEEP {
+            *buf = Vec::new();
+        }
+        encoded
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +139,43 @@ mod tests {
         assert!(Codec::<Order>::decode(&Json, None).is_err());
         let tomb: Option<Order> = Json.decode(None).unwrap();
         assert_eq!(tomb, None);
+    }
+
+    #[test]
+    fn encode_json_writes_what_serde_json_writes_in_an_exact_allocation() {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            id: u64,
+            pad: &'a str,
+        }
+        // Small, then large (past the scratch's keep limit), then small again: each result
+        // stands alone, whatever the scratch held before.
+        for len in [10, 1_000, 100_000, 3] {
+            let pad = "x".repeat(len);
+            let value = Out { id: 7, pad: &pad };
+            let bytes = encode_json(&value).unwrap();
+            assert_eq!(bytes, serde_json::to_vec(&value).unwrap());
+            assert_eq!(bytes.capacity(), bytes.len());
+        }
+        // A value serde_json refuses is an error, not a panic.
+        let mut bad = std::collections::HashMap::new();
+        bad.insert(vec![1u8], 1);
+        assert!(encode_json(&bad).is_err());
+    }
+
+    /// A `Serialize` impl that encodes another value while it is itself being encoded.
+    struct Nested;
+
+    impl serde::Serialize for Nested {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let inner = encode_json(&[1, 2]).map_err(serde::ser::Error::custom)?;
+            s.serialize_bytes(&inner)
+        }
+    }
+
+    #[test]
+    fn encode_json_inside_encode_json_does_not_panic() {
+        assert_eq!(encode_json(&Nested).unwrap(), b"[91,49,44,50,93]");
     }
 
     #[test]

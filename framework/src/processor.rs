@@ -321,9 +321,15 @@ impl OutputRecord {
         self
     }
 
-    /// Sets the value to `value` as JSON.
+    /// Sets the value to `value` as JSON (the bytes `serde_json::to_vec` writes).
+    ///
+    /// Cheaper than calling `serde_json::to_vec` yourself: the value is written into a
+    /// per-thread scratch buffer and copied once into an allocation of its exact size, instead
+    /// of growing a vector from empty (see `docs/benchmarks.md`). A value serde cannot encode
+    /// (a map with non-string keys, a failing `Serialize` impl) is a
+    /// [fatal](ProcessError::fatal) error.
     pub fn json<V: Serialize + ?Sized>(mut self, value: &V) -> Result<Self, ProcessError> {
-        let bytes = serde_json::to_vec(value).map_err(ProcessError::fatal)?;
+        let bytes = crate::codec::encode_json(value).map_err(ProcessError::fatal)?;
         self.value = Some(bytes);
         Ok(self)
     }
