@@ -58,10 +58,10 @@ const MAX_BATCH: usize = 2_000;
 /// taken for processing at once.
 ///
 /// Why: a batch's inputs and their outputs are alive until the batch is produced, and the
-/// loop's buffer refills behind it meanwhile. With 1 KiB records a batch
-/// of [`MAX_BATCH`] held ~2 MiB of inputs and more of outputs; at this bound (~500 such
-/// records) peak RSS was 39–41 MiB against 44–48 in every repeat of a side-by-side run, at the
-/// same throughput (docs/benchmarks.md). Its latency cost, measured in both orders against the
+/// loop's buffer refills behind it meanwhile. With 1 KiB records a batch of [`MAX_BATCH`] held
+/// ~2 MiB of inputs and more of outputs; at this bound (~500 such records) peak RSS was
+/// 39–41 MiB against 44–48 in every repeat of a side-by-side run, at the same throughput
+/// (docs/benchmarks.md). Its latency cost, measured in both orders against the
 /// old bound at 20,000 records/s of 1 KiB: ~3 ms at p50 and ~9 ms at p99. Small records are
 /// bounded by the count alone (2,000 records of 100 B with their keys are ~220 KiB).
 const MAX_BATCH_BYTES: usize = 512 * 1024;
