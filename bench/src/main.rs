@@ -116,6 +116,16 @@ struct Args {
 }
 
 /// Which run of a mode a throughput run or latency phase is.
+/// CPU seconds the embedded broker has used so far (see `Bench::broker_cpu_seconds`).
+#[derive(Debug, Default, Clone, Copy)]
+struct BrokerCpu {
+    total: f64,
+    /// Of `total`, in the JVM's JIT compiler threads.
+    jit: f64,
+    /// Of `total`, in the kernel.
+    system: f64,
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Run {
     /// A warm-up round (figures discarded; recorded as repeat 0).
@@ -366,19 +376,20 @@ impl Bench<'_> {
         Worker::spawn(mode, command)
     }
 
-    /// CPU seconds the embedded broker's JVM(s) have used so far, and how many of them its JIT
-    /// compiler threads used; `None` for an external cluster, whose processes are not ours to
-    /// read.
-    fn broker_cpu_seconds(&self) -> anyhow::Result<Option<(f64, f64)>> {
+    /// CPU seconds the embedded broker's JVM(s) have used so far: in all, in its JIT compiler
+    /// threads, and in the kernel; `None` for an external cluster, whose processes are not ours
+    /// to read.
+    fn broker_cpu_seconds(&self) -> anyhow::Result<Option<BrokerCpu>> {
         if !self.kafka.is_embedded() {
             return Ok(None);
         }
-        let (mut total, mut jit) = (0.0, 0.0);
+        let mut cpu = BrokerCpu::default();
         for pid in self.kafka.process_ids()? {
-            total += process::cpu_seconds_of(pid)?;
-            jit += process::jit_cpu_seconds_of(pid)?;
+            cpu.total += process::cpu_seconds_of(pid)?;
+            cpu.jit += process::jit_cpu_seconds_of(pid)?;
+            cpu.system += process::system_cpu_seconds_of(pid)?;
         }
-        Ok(Some((total, jit)))
+        Ok(Some(cpu))
     }
 
     /// One throughput run of `mode` over the pre-loaded `input`.
@@ -454,14 +465,17 @@ impl Bench<'_> {
             cpu_seconds_total: usage.cpu_seconds,
             broker_cpu_seconds: broker_cpu_at_end
                 .zip(broker_cpu_at_ready)
-                .map(|(end, start)| (end.0 - end.1) - (start.0 - start.1)),
+                .map(|(end, start)| (end.total - end.jit) - (start.total - start.jit)),
             broker_jit_cpu_seconds: broker_cpu_at_end
                 .zip(broker_cpu_at_ready)
-                .map(|(end, start)| end.1 - start.1),
+                .map(|(end, start)| end.jit - start.jit),
+            broker_system_cpu_seconds: broker_cpu_at_end
+                .zip(broker_cpu_at_ready)
+                .map(|(end, start)| end.system - start.system),
             peak_rss_mib: usage.peak_rss_mib,
         };
         println!(
-            "{:<16} {:>5} B  #{repeat}  {:>9.0} records/s  {:>6.1} s (+{:.1} s start)  cpu {:>6.1} s  broker cpu {:>6.1} s (+{:.1} s JIT)  rss {:>7.1} MiB",
+            "{:<16} {:>5} B  #{repeat}  {:>9.0} records/s  {:>6.1} s (+{:.1} s start)  cpu {:>6.1} s  broker cpu {:>6.1} s (+{:.1} s JIT; {:.1} s system)  rss {:>7.1} MiB",
             row.mode,
             row.value_size,
             row.records_per_second,
@@ -470,6 +484,7 @@ impl Bench<'_> {
             row.cpu_seconds,
             row.broker_cpu_seconds.unwrap_or(f64::NAN),
             row.broker_jit_cpu_seconds.unwrap_or(f64::NAN),
+            row.broker_system_cpu_seconds.unwrap_or(f64::NAN),
             row.peak_rss_mib
         );
         Ok(row)

@@ -141,6 +141,14 @@ pub fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
     cpu_seconds_in(&format!("/proc/{pid}/stat"))
 }
 
+/// CPU seconds process `pid` has spent in the kernel so far (the system part of
+/// [`cpu_seconds_of`]). For the broker it tells which repeats ran in a slow phase of the
+/// machine, when copying produced bytes into the page cache costs many times more per byte
+/// (docs/benchmarks.md, "Limits of the method").
+pub fn system_cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
+    Ok(user_and_system_seconds_in(&format!("/proc/{pid}/stat"))?.1)
+}
+
 /// CPU seconds a JVM's JIT compiler threads (`C1 CompilerThread…`, `C2 CompilerThread…`)
 /// have used so far, from `/proc/<pid>/task/*/`. A freshly started JVM compiles for minutes;
 /// that CPU is start-up cost, not the cost of the requests it serves, and the harness reports
@@ -164,8 +172,18 @@ pub fn jit_cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
 }
 
 fn cpu_seconds_in(stat_path: &str) -> anyhow::Result<f64> {
+    let (user, system) = user_and_system_seconds_in(stat_path)?;
+    Ok(user + system)
+}
+
+fn user_and_system_seconds_in(stat_path: &str) -> anyhow::Result<(f64, f64)> {
     let stat =
         std::fs::read_to_string(stat_path).with_context(|| format!("reading {stat_path}"))?;
+    user_and_system_seconds_of_stat(&stat)
+}
+
+/// User and system CPU seconds from the text of a `/proc/<pid>/stat` file.
+fn user_and_system_seconds_of_stat(stat: &str) -> anyhow::Result<(f64, f64)> {
     // The command name (field 2) may contain spaces; the fields after it are plain.
     let rest = stat
         .rsplit_once(')')
@@ -173,13 +191,11 @@ fn cpu_seconds_in(stat_path: &str) -> anyhow::Result<f64> {
         .context("parsing /proc stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
-    let ticks: f64 = fields
-        .get(11..13)
-        .context("short /proc stat")?
-        .iter()
-        .map(|f| f.parse::<f64>())
-        .sum::<Result<f64, _>>()?;
-    Ok(ticks / clock_ticks_per_second())
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
+    };
+    let per_second = clock_ticks_per_second();
+    Ok((ticks(11)? / per_second, ticks(12)? / per_second))
 }
 
 #[allow(unsafe_code)]
@@ -187,4 +203,19 @@ fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_and_system_time_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        // utime 250 and stime 50 ticks are the 14th and 15th fields.
+        let stat = "4242 (java (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 30";
+        let (user, system) = user_and_system_seconds_of_stat(stat).unwrap();
+        let tick = clock_ticks_per_second();
+        assert_eq!((user, system), (250.0 / tick, 50.0 / tick));
+        assert!(user_and_system_seconds_of_stat("4242 (java) S 1 2").is_err());
+    }
 }

@@ -33,6 +33,13 @@ pub struct ThroughputRow {
     /// going on in the broker, which competes with the worker for the cores.
     #[serde(default)]
     pub broker_jit_cpu_seconds: Option<f64>,
+    /// CPU seconds the broker JVM (all its threads) spent in the kernel within `seconds`. On
+    /// the benchmark's virtual machines the kernel's copy of produced bytes into the page
+    /// cache costs many times more per byte in some phases of a run than in others, for every
+    /// mode alike; a repeat with a high figure here ran in a slow phase (docs/benchmarks.md,
+    /// "Limits of the method").
+    #[serde(default)]
+    pub broker_system_cpu_seconds: Option<f64>,
     /// Peak resident set size of the worker process.
     pub peak_rss_mib: f64,
 }
@@ -264,6 +271,7 @@ mod tests {
             cpu_seconds_total: 0.5,
             broker_cpu_seconds: Some(0.5),
             broker_jit_cpu_seconds: Some(0.1),
+            broker_system_cpu_seconds: Some(0.2),
             peak_rss_mib: rss,
         }
     }
