@@ -115,17 +115,17 @@ struct Args {
     worker: Option<Vec<String>>,
 }
 
-/// Which run of a mode a throughput run or latency phase is.
 /// CPU seconds the embedded broker has used so far (see `Bench::broker_cpu_seconds`).
 #[derive(Debug, Default, Clone, Copy)]
 struct BrokerCpu {
     total: f64,
     /// Of `total`, in the JVM's JIT compiler threads.
     jit: f64,
-    /// Of `total`, in the kernel.
+    /// Of `total`, in the kernel (all threads, the JIT's included).
     system: f64,
 }
 
+/// Which run of a mode a throughput run or latency phase is.
 #[derive(Debug, Clone, Copy)]
 enum Run {
     /// A warm-up round (figures discarded; recorded as repeat 0).
