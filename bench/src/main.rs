@@ -125,6 +125,17 @@ struct BrokerCpu {
     system: f64,
 }
 
+impl BrokerCpu {
+    /// What was used between `start` and `self`.
+    fn since(self, start: Self) -> Self {
+        Self {
+            total: self.total - start.total,
+            jit: self.jit - start.jit,
+            system: self.system - start.system,
+        }
+    }
+}
+
 /// Which run of a mode a throughput run or latency phase is.
 #[derive(Debug, Clone, Copy)]
 enum Run {
@@ -385,9 +396,10 @@ impl Bench<'_> {
         }
         let mut cpu = BrokerCpu::default();
         for pid in self.kafka.process_ids()? {
-            cpu.total += process::cpu_seconds_of(pid)?;
+            let (user, system) = process::user_and_system_seconds_of(pid)?;
+            cpu.total += user + system;
+            cpu.system += system;
             cpu.jit += process::jit_cpu_seconds_of(pid)?;
-            cpu.system += process::system_cpu_seconds_of(pid)?;
         }
         Ok(Some(cpu))
     }
@@ -449,7 +461,10 @@ impl Bench<'_> {
         }
         let finished = Instant::now();
         let cpu_total_at_end = worker.cpu_seconds_so_far()?;
-        let broker_cpu_at_end = self.broker_cpu_seconds()?;
+        let broker_cpu = self
+            .broker_cpu_seconds()?
+            .zip(broker_cpu_at_ready)
+            .map(|(end, start)| end.since(start));
         let usage = worker.kill()?;
         self.delete_topic(&output).await;
         let seconds = finished.duration_since(ready).as_secs_f64();
@@ -463,15 +478,9 @@ impl Bench<'_> {
             records_per_second: records as f64 / seconds,
             cpu_seconds: cpu_total_at_end - cpu_at_ready,
             cpu_seconds_total: usage.cpu_seconds,
-            broker_cpu_seconds: broker_cpu_at_end
-                .zip(broker_cpu_at_ready)
-                .map(|(end, start)| (end.total - end.jit) - (start.total - start.jit)),
-            broker_jit_cpu_seconds: broker_cpu_at_end
-                .zip(broker_cpu_at_ready)
-                .map(|(end, start)| end.jit - start.jit),
-            broker_system_cpu_seconds: broker_cpu_at_end
-                .zip(broker_cpu_at_ready)
-                .map(|(end, start)| end.system - start.system),
+            broker_cpu_seconds: broker_cpu.map(|b| b.total - b.jit),
+            broker_jit_cpu_seconds: broker_cpu.map(|b| b.jit),
+            broker_system_cpu_seconds: broker_cpu.map(|b| b.system),
             peak_rss_mib: usage.peak_rss_mib,
         };
         println!(

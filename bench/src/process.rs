@@ -141,12 +141,12 @@ pub fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
     cpu_seconds_in(&format!("/proc/{pid}/stat"))
 }
 
-/// CPU seconds process `pid` has spent in the kernel so far (the system part of
-/// [`cpu_seconds_of`]). For the broker it tells which repeats ran in a slow phase of the
-/// machine, when copying produced bytes into the page cache costs many times more per byte
-/// (docs/benchmarks.md, "Limits of the method").
-pub fn system_cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
-    Ok(user_and_system_seconds_in(&format!("/proc/{pid}/stat"))?.1)
+/// User and system CPU seconds process `pid` has used so far, from one read of
+/// `/proc/<pid>/stat` ([`cpu_seconds_of`] is their sum). For the broker the system part tells
+/// which repeats ran in a slow phase of the machine, when copying produced bytes into the page
+/// cache costs many times more per byte (docs/benchmarks.md, "Limits of the method").
+pub fn user_and_system_seconds_of(pid: u32) -> anyhow::Result<(f64, f64)> {
+    user_and_system_seconds_in(&format!("/proc/{pid}/stat"))
 }
 
 /// CPU seconds a JVM's JIT compiler threads (`C1 CompilerThread…`, `C2 CompilerThread…`)
