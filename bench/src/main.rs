@@ -15,6 +15,7 @@
 //! running mode, latency from input timestamp to visibility under `read_committed`. See
 //! `docs/benchmarks.md`.
 
+mod alloc;
 mod kstreams;
 mod latency;
 mod process;
@@ -35,22 +36,32 @@ use crate::kstreams::KStreamsApp;
 use crate::process::Worker;
 use crate::report::ThroughputRow;
 
+/// The allocator: the system's, or jemalloc in a `*-jemalloc` mode's worker (see [`alloc`]).
+#[global_allocator]
+static ALLOCATOR: alloc::Chosen = alloc::Chosen;
+
 /// Input and output partitions.
 pub const PARTITIONS: i32 = 6;
 
-/// Every mode, in the order of the first repeat.
-pub const MODES: [&str; 7] = [
+/// Every mode, in the order of the first repeat. A mode named `<mode>-jemalloc` is `<mode>`'s
+/// worker with jemalloc as Rust's allocator (see [`alloc`]).
+pub const MODES: [&str; 9] = [
     "ceiling",
     "at-least-once",
     "onceflow-10ms",
     "onceflow-100ms",
     "onceflow-1s",
+    "at-least-once-jemalloc",
+    "onceflow-100ms-jemalloc",
     "kstreams-eos-v2",
     "kstreams-alo",
 ];
 
 /// The row every other is compared with.
 pub const REFERENCE: &str = "onceflow-100ms";
+
+/// The suffix of a mode whose worker runs on jemalloc.
+pub const JEMALLOC_SUFFIX: &str = "-jemalloc";
 
 /// The extra mode `--baseline` adds: the reference mode, run by another build of this harness.
 pub const BASELINE_MODE: &str = "onceflow-100ms-baseline";
@@ -113,6 +124,10 @@ struct Args {
     /// Internal: run one Rust mode (MODE BOOTSTRAP INPUT OUTPUT GROUP).
     #[arg(long, hide = true, num_args = 5)]
     worker: Option<Vec<String>>,
+    /// Internal: print which allocator this process runs on and the bytes jemalloc holds for
+    /// it, then exit (checked by `bench/tests/allocator.rs`).
+    #[arg(long, hide = true)]
+    allocator_report: bool,
 }
 
 /// CPU seconds the embedded broker has used so far (see `Bench::broker_cpu_seconds`).
@@ -164,10 +179,22 @@ async fn main() -> anyhow::Result<()> {
     {
         anyhow::bail!("--latency-rate must be at least 1 record/s, got {rate}");
     }
+    if args.allocator_report {
+        // Something held, so a process on jemalloc cannot report 0 by chance.
+        let held = vec![1_u8; 1 << 20];
+        println!(
+            "allocator: {}; jemalloc holds {} bytes ({} held)",
+            alloc::name(),
+            alloc::jemalloc_allocated_bytes()?,
+            held.len()
+        );
+        return Ok(());
+    }
     if let Some(w) = &args.worker {
         let [mode, bootstrap, input, output, group] = w.as_slice() else {
             bail!("--worker takes 5 values");
         };
+        eprintln!("{mode} worker: allocator {}", alloc::name());
         // Logs only when asked for (RUST_LOG), e.g. `RUST_LOG=onceflow=debug` to see each
         // transaction's timings; they go to stderr, which the harness passes through.
         if std::env::var_os("RUST_LOG").is_some() {
@@ -380,7 +407,17 @@ impl Bench<'_> {
             }
             _ => {
                 let mut c = std::process::Command::new(std::env::current_exe()?);
-                c.args(["--worker", mode, bootstrap, input, output, group]);
+                match mode.strip_suffix(JEMALLOC_SUFFIX) {
+                    Some(worker) => {
+                        c.args(["--worker", worker, bootstrap, input, output, group]);
+                        c.env(alloc::env_name(), alloc::JEMALLOC);
+                    }
+                    None => {
+                        c.args(["--worker", mode, bootstrap, input, output, group]);
+                        // The system allocator, whatever the harness's own environment says.
+                        c.env_remove(alloc::env_name());
+                    }
+                }
                 c
             }
         };
@@ -630,30 +667,32 @@ mod tests {
 
     #[test]
     fn every_repeat_runs_every_mode_once_and_predecessors_change() {
-        for n in 1..=9 {
+        for n in 1..=MODES.len() + 1 {
             for repeat in 0..6 {
                 let mut order = run_order(n, repeat);
                 order.sort_unstable();
                 assert_eq!(order, (0..n).collect::<Vec<_>>(), "n={n} repeat={repeat}");
             }
         }
-        // The full profile's eight modes: in its three repeats, no mode has the same
-        // predecessor twice.
-        let orders: Vec<Vec<usize>> = (0..3).map(|r| run_order(8, r)).collect();
-        for mode in 0..8 {
-            let before: Vec<Option<usize>> = orders
-                .iter()
-                .map(|o| {
-                    let at = o.iter().position(|&m| m == mode)?;
-                    at.checked_sub(1).map(|p| o[p])
-                })
-                .collect();
-            let known: Vec<usize> = before.iter().flatten().copied().collect();
-            let mut unique = known.clone();
-            unique.sort_unstable();
-            unique.dedup();
-            assert_eq!(unique.len(), known.len(), "mode {mode}: {before:?}");
+        // The full profile's modes, with and without `--baseline`: in its three repeats, no
+        // mode has the same predecessor twice.
+        for n in [MODES.len(), MODES.len() + 1] {
+            let orders: Vec<Vec<usize>> = (0..3).map(|r| run_order(n, r)).collect();
+            for mode in 0..n {
+                let before: Vec<Option<usize>> = orders
+                    .iter()
+                    .map(|o| {
+                        let at = o.iter().position(|&m| m == mode)?;
+                        at.checked_sub(1).map(|p| o[p])
+                    })
+                    .collect();
+                let known: Vec<usize> = before.iter().flatten().copied().collect();
+                let mut unique = known.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                assert_eq!(unique.len(), known.len(), "n={n} mode {mode}: {before:?}");
+            }
+            assert_eq!(run_order(n, 0), (0..n).collect::<Vec<_>>());
         }
-        assert_eq!(run_order(8, 0), (0..8).collect::<Vec<_>>());
     }
 }

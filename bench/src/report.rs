@@ -140,6 +140,51 @@ fn mode_order(mode: &str) -> usize {
     }
 }
 
+/// The ratios between modes on the same allocator, for a table with `*-jemalloc` rows:
+/// `onceflow-100ms-jemalloc` ÷ each other jemalloc mode (beside the same ratio on the system
+/// allocator), and each jemalloc mode ÷ the same mode on the system allocator.
+fn allocator_ratios(rows: &[ThroughputRow], modes: &[&str], size: usize) -> Option<String> {
+    let suffix = crate::JEMALLOC_SUFFIX;
+    let reference = format!("{REFERENCE}{suffix}");
+    let median_of = |mode: &str| median_throughput(rows, mode, size);
+    let ratio = |a: &str, b: &str| {
+        median_of(a)
+            .zip(median_of(b))
+            .map_or("–".to_owned(), |(a, b)| format!("{:.2}", a / b))
+    };
+    let jemalloc: Vec<&str> = modes
+        .iter()
+        .copied()
+        .filter(|m| m.ends_with(suffix))
+        .collect();
+    if jemalloc.is_empty() {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if modes.contains(&reference.as_str()) {
+        for other in jemalloc.iter().filter(|m| **m != reference) {
+            let base = other.trim_end_matches(suffix);
+            parts.push(format!(
+                "{reference} ÷ {other} **{}** (on the system allocator, {REFERENCE} ÷ {base}: {})",
+                ratio(&reference, other),
+                ratio(REFERENCE, base)
+            ));
+        }
+    }
+    let gains: Vec<String> = jemalloc
+        .iter()
+        .map(|m| {
+            let base = m.trim_end_matches(suffix);
+            format!("{base} {}", ratio(m, base))
+        })
+        .collect();
+    parts.push(format!(
+        "throughput on jemalloc ÷ on the system allocator: {}",
+        gains.join(", ")
+    ));
+    Some(format!("Same allocator for both: {}.", parts.join("; ")))
+}
+
 fn one() -> usize {
     1
 }
@@ -217,6 +262,9 @@ pub fn markdown(res: &Results) -> String {
                 jit.map_or("–".to_owned(), |j| format!("{j:.1}"))
             );
         }
+        if let Some(line) = allocator_ratios(&res.throughput, &modes, size) {
+            let _ = writeln!(out, "\n{line}");
+        }
         let lat: Vec<&LatencyRow> = res
             .latency
             .iter()
@@ -281,6 +329,30 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(Vec::new()), None);
+    }
+
+    #[test]
+    fn jemalloc_rows_are_compared_with_each_other_and_with_their_system_allocator_rows() {
+        let rows = vec![
+            row(REFERENCE, 1, 150.0, 10.0),
+            row("at-least-once", 1, 200.0, 10.0),
+            row("onceflow-100ms-jemalloc", 1, 180.0, 10.0),
+            row("at-least-once-jemalloc", 1, 200.0, 10.0),
+        ];
+        let modes = [
+            "at-least-once",
+            REFERENCE,
+            "at-least-once-jemalloc",
+            "onceflow-100ms-jemalloc",
+        ];
+        let line = allocator_ratios(&rows, &modes, 100).expect("jemalloc rows");
+        assert_eq!(
+            line,
+            "Same allocator for both: onceflow-100ms-jemalloc ÷ at-least-once-jemalloc **0.90** \
+             (on the system allocator, onceflow-100ms ÷ at-least-once: 0.75); throughput on \
+             jemalloc ÷ on the system allocator: at-least-once 1.00, onceflow-100ms 1.20."
+        );
+        assert_eq!(allocator_ratios(&rows, &modes[..2], 100), None);
     }
 
     #[test]
