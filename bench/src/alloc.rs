@@ -11,7 +11,9 @@
 //! either way: `tikv-jemallocator` builds jemalloc with prefixed symbols.
 //!
 //! One binary with both, not two binaries: `cargo run -p onceflow-bench` builds only the binary
-//! it runs, and the harness starts every worker from its own executable.
+//! it runs, and the harness starts every worker from its own executable. The dispatch costs a
+//! relaxed atomic load and a branch per allocator call, in every Rust mode alike (about a dozen
+//! calls per record: a few nanoseconds of several microseconds).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ffi::CStr;

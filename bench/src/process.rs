@@ -88,9 +88,9 @@ impl Worker {
         Ok(())
     }
 
-    /// CPU seconds (user + system) the worker has used so far, from `/proc`.
-    pub fn cpu_seconds_so_far(&self) -> anyhow::Result<f64> {
-        cpu_seconds_of(self.child.id())
+    /// The user and system CPU seconds the worker has used so far, from `/proc`.
+    pub fn user_and_system_seconds_so_far(&self) -> anyhow::Result<(f64, f64)> {
+        user_and_system_seconds_of(self.child.id())
     }
 
     /// The worker's peak resident set size so far (MiB): `VmHWM`, the high-water mark of its
@@ -136,15 +136,11 @@ impl Worker {
     }
 }
 
-/// CPU seconds (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
-pub fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
-    cpu_seconds_in(&format!("/proc/{pid}/stat"))
-}
-
 /// User and system CPU seconds process `pid` has used so far, from one read of
-/// `/proc/<pid>/stat` ([`cpu_seconds_of`] is their sum). For the broker the system part tells
-/// which repeats ran in a slow phase of the machine, when copying produced bytes into the page
-/// cache costs many times more per byte (docs/benchmarks.md, "Limits of the method").
+/// `/proc/<pid>/stat`. For the broker the system part tells which repeats ran in a slow phase
+/// of the machine, when copying produced bytes into the page cache costs many times more per
+/// byte (docs/benchmarks.md, "Limits of the method"); for a worker the user part is the
+/// steadier measure of its own work.
 pub fn user_and_system_seconds_of(pid: u32) -> anyhow::Result<(f64, f64)> {
     user_and_system_seconds_in(&format!("/proc/{pid}/stat"))
 }

@@ -22,6 +22,12 @@ pub struct ThroughputRow {
     pub records_per_second: f64,
     /// CPU seconds (user + system) of the worker process within `seconds`.
     pub cpu_seconds: f64,
+    /// Of `cpu_seconds`, in the kernel (`None` in runs from before it was recorded). The user
+    /// part is the steadier figure for comparing two builds: on the benchmark's virtual
+    /// machines the kernel's copies cost more in some phases of a run than in others
+    /// (docs/benchmarks.md, "Limits of the method").
+    #[serde(default)]
+    pub cpu_system_seconds: Option<f64>,
     /// CPU seconds over the process's whole life, start-up included.
     pub cpu_seconds_total: f64,
     /// CPU seconds of the embedded broker's JVM within `seconds`, without its JIT compiler
@@ -232,11 +238,11 @@ pub fn markdown(res: &Results) -> String {
         let _ = writeln!(out, "#### {size} B values: throughput\n");
         let _ = writeln!(
             out,
-            "| mode | records/s | min – max | {REFERENCE} ÷ mode | CPU s | CPU µs / record | broker CPU µs / record | broker JIT s | peak RSS MiB | mode RSS ÷ {REFERENCE} RSS | start-up s |"
+            "| mode | records/s | min – max | {REFERENCE} ÷ mode | CPU s | CPU µs / record | of it user µs / record | broker CPU µs / record | broker JIT s | peak RSS MiB | mode RSS ÷ {REFERENCE} RSS | start-up s |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for mode in &modes {
             let rs: Vec<&ThroughputRow> = runs(&res.throughput, mode, size).collect();
@@ -247,6 +253,11 @@ pub fn markdown(res: &Results) -> String {
                 .fold(f64::INFINITY, f64::min);
             let hi = rs.iter().map(|r| r.records_per_second).fold(0.0, f64::max);
             let cpu = median(rs.iter().map(|r| r.cpu_seconds).collect()).unwrap_or(f64::NAN);
+            let user = median(
+                rs.iter()
+                    .filter_map(|r| r.cpu_system_seconds.map(|sys| r.cpu_seconds - sys))
+                    .collect(),
+            );
             let rss = median(rs.iter().map(|r| r.peak_rss_mib).collect()).unwrap_or(f64::NAN);
             let broker = median(rs.iter().filter_map(|r| r.broker_cpu_seconds).collect());
             let jit = median(rs.iter().filter_map(|r| r.broker_jit_cpu_seconds).collect());
@@ -256,8 +267,9 @@ pub fn markdown(res: &Results) -> String {
             let rss_ratio = reference_rss.map_or("–".to_owned(), |x| format!("{:.1}", rss / x));
             let _ = writeln!(
                 out,
-                "| {mode} | {rps:.0} | {lo:.0} – {hi:.0} | {ratio} | {cpu:.1} | {:.1} | {} | {} | {rss:.0} | {rss_ratio} | {start:.1} |",
+                "| {mode} | {rps:.0} | {lo:.0} – {hi:.0} | {ratio} | {cpu:.1} | {:.1} | {} | {} | {} | {rss:.0} | {rss_ratio} | {start:.1} |",
                 cpu * 1e6 / records,
+                user.map_or("–".to_owned(), |u| format!("{:.1}", u * 1e6 / records)),
                 broker.map_or("–".to_owned(), |b| format!("{:.1}", b * 1e6 / records)),
                 jit.map_or("–".to_owned(), |j| format!("{j:.1}"))
             );
@@ -316,6 +328,7 @@ mod tests {
             seconds: 1_000.0 / rps,
             records_per_second: rps,
             cpu_seconds: 0.25,
+            cpu_system_seconds: Some(0.05),
             cpu_seconds_total: 0.5,
             broker_cpu_seconds: Some(0.5),
             broker_jit_cpu_seconds: Some(0.1),
@@ -395,5 +408,8 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| 400 | 40.0 |"), "{md}");
+        // 0.25 s of CPU over 1,000 records, 0.05 s of it in the kernel: 250 µs a record, 200
+        // of them in user mode.
+        assert!(md.contains("| 0.2 | 250.0 | 200.0 |"), "{md}");
     }
 }
