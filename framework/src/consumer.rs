@@ -15,10 +15,11 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers as _, Message};
 
 use crate::config::{PipelineConfig, StartFrom};
 use crate::error::Error;
+use crate::processor::Headers;
 
 /// Creates the pipeline's consumer (not yet subscribed).
 pub(crate) fn create<Ctx: ConsumerContext>(
@@ -145,7 +146,9 @@ impl ConsumerContext for QuietContext {}
 /// the key is moved into the processor's [`Record`](crate::Record) and back rather than copied
 /// again. The key and value are copied once, out of librdkafka's fetch buffer, so the buffer
 /// can be released while the record waits for processing; the value into a block shared with
-/// the partition's neighbouring records (see [`Values`]).
+/// the partition's neighbouring records (see [`Values`]). The headers are copied once too,
+/// straight into the processor's [`Headers`], and lent to the [`Record`](crate::Record) like
+/// the key.
 #[derive(Debug, Clone)]
 pub(crate) struct Polled {
     pub(crate) topic: Arc<str>,
@@ -154,7 +157,7 @@ pub(crate) struct Polled {
     pub(crate) timestamp: Timestamp,
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) payload: Option<Bytes>,
-    pub(crate) headers: Option<OwnedHeaders>,
+    pub(crate) headers: Headers,
 }
 
 /// Where one partition's record values are copied out of librdkafka: consecutive values share
@@ -213,14 +216,7 @@ impl Polled {
             timestamp: m.timestamp(),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(|v| values.copy(v)),
-            headers: m.headers().map(|hs| {
-                hs.iter().fold(OwnedHeaders::new(), |acc, h| {
-                    acc.insert(rdkafka::message::Header {
-                        key: h.key,
-                        value: h.value,
-                    })
-                })
-            }),
+            headers: copy_headers(m),
         }
     }
 
@@ -240,8 +236,8 @@ impl Polled {
         self.timestamp
     }
 
-    pub(crate) fn headers(&self) -> Option<&OwnedHeaders> {
-        self.headers.as_ref()
+    pub(crate) fn headers(&self) -> &Headers {
+        &self.headers
     }
 
     pub(crate) fn key(&self) -> Option<&[u8]> {
@@ -252,10 +248,37 @@ impl Polled {
         self.payload.as_deref()
     }
 
-    /// Key and value bytes: what the record costs in the loop's buffer.
+    /// Key, value and header bytes: what the record costs in the loop's buffer.
     pub(crate) fn size(&self) -> usize {
-        self.payload.as_ref().map_or(0, Bytes::len) + self.key.as_ref().map_or(0, Vec::len)
+        self.payload.as_ref().map_or(0, Bytes::len)
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.as_ref().map_or(0, Vec::len))
+                .sum::<usize>()
     }
+}
+
+/// A copy of `m`'s headers, made once, straight into the processor's [`Headers`]; for a
+/// record without any, an empty [`Headers`], which allocates nothing.
+///
+/// Why not rdkafka's `OwnedHeaders`: it is a librdkafka header list (two allocations, and a
+/// copy of every header), which the processor's `Headers` then copied a second time, and
+/// which was destroyed through the FFI per record. librdkafka parses the record's header
+/// section on `headers()` either way; for a record without headers it reads the count from a
+/// short-lived buffer and says there are none.
+fn copy_headers<M: Message>(m: &M) -> Headers {
+    let mut headers = Headers::new();
+    if let Some(hs) = m.headers() {
+        for h in hs.iter() {
+            match h.value {
+                Some(v) => headers.insert(h.key, v),
+                None => headers.insert_null(h.key),
+            }
+        }
+    }
+    headers
 }
 
 #[cfg(test)]

@@ -7,8 +7,6 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rdkafka::message::Headers as _;
-
 use crate::consumer::Polled;
 
 use crate::processor::OutputRecord;
@@ -66,14 +64,7 @@ pub(crate) fn record(
     if let Some(v) = original.payload() {
         out = out.value(v);
     }
-    if let Some(headers) = original.headers() {
-        for h in headers.iter() {
-            match h.value {
-                Some(v) => out.headers.insert(h.key, v),
-                None => out.headers.insert_null(h.key),
-            }
-        }
-    }
+    out.headers = original.headers().clone();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -96,8 +87,8 @@ pub(crate) fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::processor::Headers;
     use rdkafka::Timestamp;
-    use rdkafka::message::{Header, OwnedHeaders};
 
     #[test]
     fn keeps_the_original_and_names_the_error() {
@@ -108,10 +99,11 @@ mod tests {
             timestamp: Timestamp::CreateTime(1_700_000_000_000),
             partition: 2,
             offset: 41,
-            headers: Some(OwnedHeaders::new().insert(Header {
-                key: "trace_id",
-                value: Some("t-9"),
-            })),
+            headers: {
+                let mut h = Headers::new();
+                h.insert("trace_id", "t-9");
+                h
+            },
         };
         let dl = record(
             "orders.dlq",

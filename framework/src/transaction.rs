@@ -33,7 +33,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerGroupMetadata};
-use rdkafka::message::Headers as _;
 use tokio::runtime::Handle;
 
 use crate::codec::Codec;
@@ -43,9 +42,7 @@ use futures::FutureExt as _;
 use crate::config::{DecodeFailure, PipelineConfig};
 use crate::dead_letter::{self, DeadLetterKind};
 use crate::error::{Error, ErrorClass};
-use crate::processor::{
-    Disposition, Header, Headers, Output, OutputRecord, Processor, Record, TopicPartition,
-};
+use crate::processor::{Disposition, Output, OutputRecord, Processor, Record, TopicPartition};
 use crate::producer::TxProducer;
 use crate::rebalance::RebalanceContext;
 use crate::shutdown::ShutdownHandle;
@@ -1323,23 +1320,13 @@ async fn process_partition<P, C>(
                 }
             },
         };
-        let headers: Headers = m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| Header {
-                        key: h.key.to_owned(),
-                        value: h.value.map(<[u8]>::to_vec),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        // The key is lent to the `Record` and taken back after processing (a dead letter or
-        // the lineage header may still need it), rather than copied per record.
+        // The key and headers are lent to the `Record` and taken back after processing (a
+        // dead letter or the lineage header may still need them), rather than copied per
+        // record.
         let mut record = Record {
             value,
             key: m.key.take(),
-            headers,
+            headers: std::mem::take(&mut m.headers),
             topic: Arc::clone(&m.topic),
             partition: m.partition,
             offset: m.offset,
@@ -1348,6 +1335,7 @@ async fn process_partition<P, C>(
         out.records.clear();
         let result = processor.process(&record, &mut out).await;
         m.key = record.key.take();
+        m.headers = std::mem::take(&mut record.headers);
         match result {
             Ok(()) => {
                 outcomes.push(Outcome::Emit(out.records.len()));

@@ -374,6 +374,139 @@ async fn poison_records_go_to_the_dead_letter_topic_and_never_stall_the_partitio
     );
 }
 
+/// The headers `id`'s input record carries: a trace id, a repeated name, a null value, an
+/// empty value and bytes that are not UTF-8 — everything a header can be. Every third record
+/// has none.
+fn input_headers(id: u64) -> Vec<(String, Option<Vec<u8>>)> {
+    if id.is_multiple_of(3) {
+        return Vec::new();
+    }
+    vec![
+        ("trace_id".to_owned(), Some(format!("t-{id}").into_bytes())),
+        ("hop".to_owned(), Some(b"gateway".to_vec())),
+        ("hop".to_owned(), Some(b"ledger".to_vec())),
+        ("tombstone".to_owned(), None),
+        ("empty".to_owned(), Some(Vec::new())),
+        (
+            "raw".to_owned(),
+            Some(vec![0xff, 0x00, id.to_le_bytes()[0]]),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_headers_reach_outputs_and_dead_letters_byte_for_byte_in_order() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    let t = setup(kafka, "eos-headers", 3, 3).await;
+    let dlq = unique("eos-headers-dlq");
+    kafka.create_topic(&dlq, 1, 1).await.expect("dlq topic");
+
+    // Every 50th record does not parse, so its headers must reach the dead letter.
+    let input = events(600, 31);
+    let producer = onceflow_integration_tests::input_producer(kafka);
+    for e in &input {
+        let value = if e.id % 50 == 7 {
+            format!("{{\"id\": {}, broken", e.id).into_bytes()
+        } else {
+            serde_json::to_vec(e).expect("json")
+        };
+        let mut record = FutureRecord::to(&t.input)
+            .key(e.user.as_str())
+            .payload(&value);
+        let headers = input_headers(e.id);
+        if !headers.is_empty() {
+            record = record.headers(headers.iter().fold(OwnedHeaders::new(), |hs, (k, v)| {
+                hs.insert(Header {
+                    key: k.as_str(),
+                    value: v.as_deref(),
+                })
+            }));
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("input record acknowledged");
+    }
+    let good: Vec<Event> = input.iter().filter(|e| e.id % 50 != 7).cloned().collect();
+
+    let config = test_config(kafka, &t.app, "0", &t.input)
+        .dead_letter_topic(&dlq)
+        .build()
+        .expect("config");
+    let running = Running::start(Pipeline::new(config, Enrich::new(&t.output, "0")));
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    running.stop().await;
+
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&good, &committed, 3).assert_exactly_once();
+    for o in &committed {
+        let e: onceflow_integration_tests::Enriched =
+            serde_json::from_slice(o.value.as_deref().expect("value")).expect("output");
+        let expected = input_headers(e.id);
+        assert_eq!(
+            o.headers[..expected.len()],
+            expected[..],
+            "output of {}: the input's headers first, in order",
+            e.id
+        );
+        let added: Vec<&str> = o.headers[expected.len()..]
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(
+            added,
+            [
+                "processed_by",
+                "source_partition",
+                "source_offset",
+                onceflow::processor::SOURCE_HEADER
+            ],
+            "output of {}: then the processor's own, then the lineage header",
+            e.id
+        );
+    }
+
+    let letters = read(kafka, &dlq, Isolation::ReadCommitted).await;
+    let mut lettered = BTreeSet::new();
+    for l in &letters {
+        let id: u64 = l
+            .value_str()
+            .trim_start_matches("{\"id\": ")
+            .split(',')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("the original value");
+        let expected = input_headers(id);
+        assert_eq!(
+            l.headers[..expected.len()],
+            expected[..],
+            "dead letter of {id}: the input's headers first, in order"
+        );
+        assert_eq!(
+            l.header_str(dead_letter::HEADER_ERROR_KIND).as_deref(),
+            Some("decode")
+        );
+        assert!(lettered.insert(id), "dead letter twice: {id}");
+    }
+    let malformed: BTreeSet<u64> = input
+        .iter()
+        .map(|e| e.id)
+        .filter(|id| id % 50 == 7)
+        .collect();
+    assert_eq!(lettered, malformed);
+    println!(
+        "600 inputs, 2 in 3 with 6 headers: {} outputs and {} dead letters carry them byte for \
+         byte, in order",
+        committed.len(),
+        letters.len()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_with_the_same_transactional_id_is_fenced_and_never_commits_again() {
     init_tracing();
