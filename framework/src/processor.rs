@@ -177,7 +177,9 @@ pub struct Record<T> {
     pub value: T,
     /// The key bytes (`None` for an unkeyed record).
     pub key: Option<Vec<u8>>,
-    /// The headers.
+    /// The input record's headers as they were produced: in order, names repeated, null
+    /// values kept. Copy them onto an output with
+    /// [`OutputRecord::headers_from`] to carry trace context along.
     pub headers: Headers,
     /// Input topic.
     pub topic: Arc<str>,
