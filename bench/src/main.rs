@@ -102,6 +102,13 @@ struct Args {
     /// latency phase. Its figures mean nothing; it keeps the harness from rotting.
     #[arg(long)]
     quick: bool,
+    /// Create the embedded broker's directory (its topics included) in this directory instead
+    /// of the system's temporary one: `--broker-dir /dev/shm` puts it on tmpfs, which keeps
+    /// the host disk's writeback stalls out of the latency phase (see docs/benchmarks.md,
+    /// "The broker's disk"). The directory must exist and have room for the input topics plus
+    /// about a minute of output (deleted topics' files go after `file.delete.delay.ms`).
+    #[arg(long, value_name = "DIR")]
+    broker_dir: Option<std::path::PathBuf>,
     /// Use this cluster instead of an embedded broker.
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     bootstrap_servers: Option<String>,
@@ -254,9 +261,18 @@ async fn main() -> anyhow::Result<()> {
             modes,
         }
     };
+    if args.bootstrap_servers.is_some() && args.broker_dir.is_some() {
+        bail!("--broker-dir is for the embedded broker; it cannot apply to --bootstrap-servers");
+    }
     let kafka = match &args.bootstrap_servers {
         Some(_) => Kafka::start_with(KafkaOptions::single()).await?,
-        None => Kafka::start_with(KafkaOptions::cluster(1).heap("1g")).await?,
+        None => {
+            let mut options = KafkaOptions::cluster(1).heap("1g");
+            if let Some(dir) = &args.broker_dir {
+                options = options.data_dir(dir);
+            }
+            Kafka::start_with(options).await?
+        }
     };
     println!("kafka: {}", kafka.describe());
     let version = kafka.version().unwrap_or(testkit::KAFKA_VERSION).to_owned();

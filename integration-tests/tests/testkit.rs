@@ -164,3 +164,55 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[tokio::test]
+async fn the_broker_directory_goes_where_data_dir_says_and_is_removed_on_drop() {
+    init_tracing();
+    let parent = tempfile_dir();
+    let entries = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let kafka = Kafka::start_with(KafkaOptions::cluster(1).data_dir(&parent))
+        .await
+        .expect("broker in the given directory");
+    let inside = entries(&parent);
+    assert_eq!(inside.len(), 1, "one broker directory: {inside:?}");
+    assert!(inside[0].starts_with("onceflow-kafka-"), "{inside:?}");
+    assert!(
+        kafka.describe().contains(&parent.display().to_string()),
+        "{}",
+        kafka.describe()
+    );
+    // The broker really writes there: a topic's partition directory appears under it.
+    let topic = unique("testkit-data-dir");
+    kafka.create_topic(&topic, 1, 1).await.expect("topic");
+    produce(&kafka, &topic, 0..10).await;
+    let data = parent.join(&inside[0]).join("node-1").join("data");
+    assert!(
+        entries(&data).iter().any(|e| e == &format!("{topic}-0")),
+        "{:?}",
+        entries(&data)
+    );
+    drop(kafka);
+    assert!(entries(&parent).is_empty(), "{:?}", entries(&parent));
+    let _ = std::fs::remove_dir_all(parent);
+}
+
+#[tokio::test]
+async fn a_data_dir_that_does_not_exist_is_named_in_the_error() {
+    let parent = tempfile_dir();
+    let missing = parent.join("no-such-dir");
+    let err = Kafka::start_with(KafkaOptions::cluster(1).data_dir(&missing))
+        .await
+        .map(|_| ())
+        .expect_err("cannot create a broker directory in a missing directory");
+    assert!(matches!(err, TestkitError::Io { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&missing.display().to_string()),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(parent);
+}

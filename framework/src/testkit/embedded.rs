@@ -89,12 +89,18 @@ impl EmbeddedCluster {
             &options.version,
             &options.fallback_versions(),
         )?;
-        remove_stale_dirs();
+        let parent = options.data_dir.clone().unwrap_or_else(std::env::temp_dir);
+        remove_stale_dirs(&parent);
 
         let root = tempfile::Builder::new()
             .prefix(DIR_PREFIX)
-            .tempdir()
-            .map_err(|e| TestkitError::io("creating the broker's temporary directory", e))?;
+            .tempdir_in(&parent)
+            .map_err(|e| {
+                TestkitError::io(
+                    format!("creating the broker's directory in {}", parent.display()),
+                    e,
+                )
+            })?;
         let root_path = root.path().to_path_buf();
         fs::write(root_path.join("owner.pid"), std::process::id().to_string())
             .map_err(|e| TestkitError::io("writing owner.pid", e))?;
@@ -549,8 +555,8 @@ fn log_tail(path: &Path) -> String {
 /// Removes broker directories left by earlier test processes that are gone: a process-wide
 /// shared broker is never dropped, so its directory outlives the process. Directories younger
 /// than an hour are kept for whoever is reading their logs.
-fn remove_stale_dirs() {
-    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+fn remove_stale_dirs(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
         return;
     };
     for entry in entries.filter_map(std::result::Result::ok) {

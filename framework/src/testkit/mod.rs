@@ -89,6 +89,11 @@ pub struct KafkaOptions {
     pub java: std::path::PathBuf,
     /// Where broker jars are cached. Default [`cache_dir`]`()`.
     pub cache_dir: std::path::PathBuf,
+    /// The directory in which each start creates its broker directory (logs, data, config),
+    /// removed again when the [`Kafka`] is dropped. Default `None`: the system's temporary
+    /// directory (`$TMPDIR`, else `/tmp`). A tmpfs such as `/dev/shm` keeps the host's disk
+    /// writeback out of latency measurements; it holds every topic in memory.
+    pub data_dir: Option<std::path::PathBuf>,
     /// Honour `KAFKA_BOOTSTRAP_SERVERS`. Default true; a multi-node cluster sets it false,
     /// because its tests kill nodes, which an external cluster does not let us do.
     pub use_external: bool,
@@ -109,6 +114,7 @@ impl Default for KafkaOptions {
             broker_properties: Vec::new(),
             java: embedded::java_program(),
             cache_dir: cache_dir(),
+            data_dir: None,
             use_external: true,
         }
     }
@@ -164,6 +170,14 @@ impl KafkaOptions {
     #[must_use]
     pub fn cache_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
         self.cache_dir = dir.into();
+        self
+    }
+
+    /// Creates the broker directory in `dir` (which must exist) instead of the system's
+    /// temporary directory; see [`KafkaOptions::data_dir`].
+    #[must_use]
+    pub fn data_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
         self
     }
 
