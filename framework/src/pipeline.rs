@@ -75,8 +75,9 @@ impl<P: Processor, C: Codec<P::Input>> Pipeline<P, C> {
 
     /// Runs until the shutdown handle is used or a fatal error happens.
     ///
-    /// The consumer, the producer and every blocking librdkafka call live on a dedicated
-    /// worker thread; processing runs as tasks on the current tokio runtime. Returns the run's
+    /// The consumer, the producer and every blocking librdkafka call live on two dedicated
+    /// threads (the transaction loop and its poller); processing runs as tasks on the current
+    /// tokio runtime. Returns the run's
     /// figures after a graceful stop.
     pub async fn run(self) -> Result<RunSummary, Error> {
         let runtime = tokio::runtime::Handle::current();

@@ -38,8 +38,8 @@
 //! * [`fatal`](ProcessError::fatal): the pipeline must stop (a broken invariant). The open
 //!   transaction is aborted and `run` returns the error.
 //!
-//! **Hooks** (all optional, no-op by default) run on the pipeline's worker thread, between
-//! transactions: [`on_partitions_assigned`](Processor::on_partitions_assigned) after new
+//! **Hooks** (all optional, no-op by default) run one at a time on the pipeline's own threads
+//! (never on your runtime's), between batches — never while `process` runs for the instance: [`on_partitions_assigned`](Processor::on_partitions_assigned) after new
 //! partitions are assigned and before their first record;
 //! [`on_partitions_revoked`](Processor::on_partitions_revoked) after the open transaction was
 //! committed (or aborted, if the assignment was lost) and before the partitions go to another

@@ -2,8 +2,9 @@
 //! transactional call.
 //!
 //! Every call here blocks (librdkafka's transactional API is synchronous, even on
-//! `FutureProducer`), so this module is only used from the pipeline's worker thread, never from
-//! an async task. It is the one place that calls the transactional API: the workspace's clippy
+//! `FutureProducer`), so this module is only used from the pipeline's own threads (the
+//! transaction loop's, and the poller's rebalance callback, each under the loop's lock), never
+//! from an async task. It is the one place that calls the transactional API: the workspace's clippy
 //! configuration disallows those methods everywhere else.
 //!
 //! `ThreadedProducer` is used rather than `BaseProducer` because its background thread serves

@@ -1,7 +1,10 @@
 //! Rebalances: commit before letting go, start from committed offsets, run the user's hooks.
 //!
-//! librdkafka calls [`RebalanceContext`] on the worker thread, inside `poll`, before it
-//! releases revoked partitions and after it takes assigned ones:
+//! librdkafka calls [`RebalanceContext`] on the poller thread, inside `poll`, before it
+//! releases revoked partitions and after it takes assigned ones. Both wait until the
+//! transaction loop has no records in flight — every record it took is produced into the open
+//! transaction, with its offset — and hold the loop's lock until the hooks have run, so the loop
+//! takes no records meanwhile (see [`crate::transaction`]):
 //!
 //! * **Revoke** (cooperative: only the moved partitions; eager: all of them): the open
 //!   transaction is committed first — its offsets are for partitions this instance still owns at
@@ -16,7 +19,7 @@
 //!   Then `on_partitions_assigned` runs.
 //!
 //! A failure here cannot stop the instance from inside librdkafka's callback; it is handed to
-//! the transaction loop, which acts on it right after `poll` returns. That hand-off only ever
+//! the transaction loop, which acts on it before it takes another batch. That hand-off only ever
 //! aborts or stops, never commits, so nothing is committed for partitions already let go.
 
 use std::collections::BTreeSet;
@@ -72,6 +75,8 @@ impl<P: Processor, C: Codec<P::Input>> ConsumerContext for RebalanceContext<P, C
                 let partitions = partitions_of(tpl);
                 tracing::info!(?partitions, "partitions assigned");
                 if !partitions.is_empty() {
+                    // Between batches, like every hook; the loop waits meanwhile.
+                    let _between = self.shared.between_batches();
                     self.shared
                         .runtime
                         .block_on(self.shared.processor.on_partitions_assigned(&partitions));
@@ -91,8 +96,12 @@ impl<P: Processor, C: Codec<P::Input>> RebalanceContext<P, C> {
             .iter()
             .map(|tp| (tp.topic.clone(), tp.partition))
             .collect();
+        // Once the loop has produced (or put back) the records it took: the transaction must
+        // hold them, with their offsets, before it can be committed. The lock is held until the
+        // hooks have run, so the loop takes no more records of the revoked partitions
+        // meanwhile.
+        let mut st = self.shared.between_batches();
         let aborted = {
-            let mut st = self.shared.state();
             st.summary.rebalances += 1;
             let mut aborted = Vec::new();
             if st.txn.is_some() && st.deferred.is_none() {
@@ -116,8 +125,11 @@ impl<P: Processor, C: Codec<P::Input>> RebalanceContext<P, C> {
                 }
             }
             // The revoked partitions' unprocessed records belong to their next owner now.
-            st.buffer.drop_partitions(|k| revoked.contains(k));
-            st.pending_seeks.retain(|k, _| !revoked.contains(k));
+            {
+                let mut buffer = st.intake.buffer();
+                buffer.drop_partitions(|k| revoked.contains(k));
+                buffer.pending_seeks.retain(|k, _| !revoked.contains(k));
+            }
             st.committed.retain(|k, _| !revoked.contains(k));
             aborted
         };
@@ -129,5 +141,6 @@ impl<P: Processor, C: Codec<P::Input>> RebalanceContext<P, C> {
         self.shared
             .runtime
             .block_on(self.shared.processor.on_partitions_revoked(partitions));
+        drop(st);
     }
 }

@@ -1,23 +1,51 @@
-//! The transaction loop: poll → process → produce → send offsets → commit, on one worker thread.
+//! The transaction loop: poll → process → produce → send offsets → commit, on two threads.
 //!
-//! # Why one thread
+//! # Why two threads, and who does what
 //!
 //! Every transactional call blocks, and librdkafka runs rebalance callbacks on the thread that
-//! polls the consumer. Putting the consumer, the producer and the commit on one dedicated
-//! thread means the rebalance callback can commit the open transaction synchronously before
-//! partitions are let go, with no cross-thread hand-off that could deadlock or race. Processing
-//! itself runs on the async runtime (one task per partition, so partitions proceed in parallel
-//! while each partition stays in order); the worker waits for it between polls.
+//! polls the consumer. So neither runs on the async executor: each pipeline instance has two
+//! dedicated OS threads.
 //!
-//! # The state, and who touches it
+//! * The **poller** owns `poll`: it copies each record into the [`Intake`]'s buffer, applies
+//!   the seeks an abort schedules, and serves librdkafka's callbacks — the rebalance callback,
+//!   which commits the open transaction synchronously before partitions are let go (see
+//!   [`crate::rebalance`]). When the stream is idle it commits positions that moved past
+//!   transaction markers.
+//! * The **loop** takes batches from the buffer, has them processed on the async runtime (one
+//!   task per partition, so partitions proceed in parallel while each stays in order),
+//!   produces their outputs into the transaction, and commits.
 //!
-//! [`LoopState`] sits behind a mutex shared by the loop and the rebalance callback. They run on
-//! the same thread, and the loop never holds the lock across a `poll` (the only place a
-//! callback can run), so the lock is never contended; it exists to make the sharing sound.
+//! Why not one thread: copying records out of librdkafka took a third of the loop's time, with
+//! nothing else running meanwhile (docs/benchmarks.md).
+//!
+//! # The state, and the three rules that keep it exactly-once
+//!
+//! [`LoopState`] (the producer, the open transaction) sits behind a mutex shared by the loop
+//! and the rebalance callback; the buffer sits behind a lock of its own, so that polling never
+//! waits for a commit. Lock order: the state's, then the buffer's.
+//!
+//! 1. **A transaction is committed only between batches.** From the moment the loop takes
+//!    records out of the buffer until they are produced into the transaction (or put back, or
+//!    the step that failed on them is recovered from), they are *in flight*, and the rebalance
+//!    callback waits ([`Shared::between_batches`]). Otherwise it could commit a transaction
+//!    without records already taken — their offsets skipped — or with part of a failed
+//!    record's outputs.
+//! 2. **No record from before a rewind survives it.** An abort empties the buffer and
+//!    schedules each partition's seek back under one hold of the buffer's lock; until the
+//!    poller has applied the seek, records of that partition that arrive were fetched before
+//!    it, and are dropped on arrival.
+//! 3. **A committed position never skips a record in the poller's hands.** A commit may send a
+//!    partition's consumer position (past transaction markers) instead of its next offset only
+//!    when nothing of it is buffered or taken — and only when no poll was in progress as the
+//!    positions were read, since a poll moves the position before its record is buffered.
+//!
+//! The processor's hooks run one at a time, between batches: the rebalance hooks on the poller
+//! under the state's lock, once nothing is in flight; `on_transaction_aborted` on the loop,
+//! under the same lock.
 //!
 //! # One transaction
 //!
-//! 1. Records are polled into `buffer`. A transaction begins when records are taken for
+//! 1. Records are polled into the buffer. A transaction begins when records are taken for
 //!    processing; the first offset taken per partition is its **rewind point**.
 //! 2. Each record is decoded and processed; outputs (and dead letters) are produced into the
 //!    transaction in offset order per partition, and the partition's next offset is recorded.
@@ -29,7 +57,8 @@
 //!    processed again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerGroupMetadata};
@@ -47,9 +76,10 @@ use crate::producer::TxProducer;
 use crate::rebalance::RebalanceContext;
 use crate::shutdown::ShutdownHandle;
 
-/// The longest the loop blocks in one poll, so shutdown requests are seen promptly.
+/// The longest the poller blocks in one poll, and the loop in one wait for records, so stops
+/// and shutdown requests are seen promptly.
 const MAX_POLL_WAIT: Duration = Duration::from_millis(100);
-/// At most this many records are polled in one round, and taken for processing at once.
+/// At most this many records are taken for processing at once.
 const MAX_BATCH: usize = 2_000;
 /// At most about this many bytes (keys and values, at the buffer's average record size) are
 /// taken for processing at once.
@@ -104,6 +134,14 @@ pub(crate) struct Buffer {
     bytes: usize,
     /// The instance reads one topic, so a record's partition alone finds its queue.
     single_topic: bool,
+    /// Partitions to seek back to these offsets (after an abort), not yet seeked by the poller.
+    /// Records of theirs that arrive meanwhile were fetched from before the rewind, and are
+    /// dropped.
+    pub(crate) pending_seeks: BTreeMap<Key, i64>,
+    /// The loop waits for records (see [`Intake::wait_for_records`]).
+    loop_waiting: bool,
+    /// The poller waits for room (see [`Intake::wait_for_room`]).
+    poller_waiting: bool,
 }
 
 /// One partition's buffered records, the topic name they share and the blocks their values
@@ -133,13 +171,41 @@ impl Buffer {
         self.len == 0
     }
 
+    /// Whether another record may be buffered: below both [`MAX_BUFFERED`] and
+    /// [`MAX_BUFFERED_BYTES`].
+    fn has_room(&self) -> bool {
+        self.len < MAX_BUFFERED && self.bytes < MAX_BUFFERED_BYTES
+    }
+
+    /// Whether `m`'s partition waits for a seek back: then `m` was fetched before the rewind.
+    fn is_stale<M: rdkafka::Message>(&self, m: &M) -> bool {
+        !self.pending_seeks.is_empty() && self.rewinds(m.topic(), m.partition())
+    }
+
+    /// Whether a seek back is pending for the partition.
+    fn rewinds(&self, topic: &str, partition: i32) -> bool {
+        self.pending_seeks
+            .keys()
+            .any(|k| k.1 == partition && k.0 == topic)
+    }
+
+    /// Drops the buffered records of `seeks`' partitions and schedules the seeks; where one is
+    /// already scheduled for a partition, the lower offset wins.
+    fn schedule_seeks(&mut self, seeks: &BTreeMap<Key, i64>) {
+        self.drop_partitions(|k| seeks.contains_key(k));
+        for (k, o) in seeks {
+            let e = self.pending_seeks.entry(k.clone()).or_insert(*o);
+            *e = (*e).min(*o);
+        }
+    }
+
     fn partition_len(&self, key: &Key) -> usize {
         self.partitions.get(key).map_or(0, |q| q.records.len())
     }
 
     /// Appends a copy of a polled record.
     ///
-    /// No partition is ever paused for holding too many: the loop stops polling when the
+    /// No partition is ever paused for holding too many: the poller stops polling when the
     /// buffer is full, and librdkafka bounds what it prefetches over the whole consumer queue
     /// (`queued.min.messages` and `queued.max.messages.kbytes` count the queue every partition
     /// forwards to), so a partition with a backlog cannot hold the others' fetches back by
@@ -251,6 +317,107 @@ impl Buffer {
         // Drained queues stay (until their partition is revoked): they keep their capacity,
         // where re-creating them made every batch grow them again from nothing.
         taken
+    }
+}
+
+/// What the poller thread hands to the loop: the buffer, behind a lock of its own, and how the
+/// two wake each other.
+///
+/// Why a lock apart from [`LoopState`]'s: the loop holds that one for as long as it produces a
+/// batch or commits (~15 ms per commit in the benchmark). Polling records into the buffer under
+/// it would stall the poller for all of that, which is the very time polling should overlap.
+/// The buffer's lock is only ever held for a push, a take or a drop. Lock order: the state's
+/// lock, then the buffer's; never the other way round.
+pub(crate) struct Intake {
+    buffer: Mutex<Buffer>,
+    /// Signalled when a record arrives while the loop waits for one.
+    records_ready: Condvar,
+    /// Signalled when the loop takes records while the poller waits for room.
+    room_freed: Condvar,
+    /// Polls that may have returned a record not yet in the buffer (see
+    /// [`positions_past_markers`]).
+    polls_in_progress: AtomicUsize,
+    /// Tells the poller to stop.
+    stop: AtomicBool,
+}
+
+impl Intake {
+    fn new(single_topic: bool) -> Self {
+        Self {
+            buffer: Mutex::new(Buffer {
+                single_topic,
+                ..Buffer::default()
+            }),
+            records_ready: Condvar::new(),
+            room_freed: Condvar::new(),
+            polls_in_progress: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn buffer(&self) -> MutexGuard<'_, Buffer> {
+        // The buffer is left consistent between statements; a panic elsewhere while holding
+        // the lock ends the instance anyway.
+        self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Buffers a polled record (or drops it, if it is from before a pending rewind) and wakes
+    /// the loop if it waits.
+    fn push<M: rdkafka::Message>(&self, m: &M) {
+        let mut b = self.buffer();
+        if b.is_stale(m) {
+            return;
+        }
+        b.push(m);
+        if b.loop_waiting {
+            b.loop_waiting = false;
+            self.records_ready.notify_one();
+        }
+    }
+
+    /// Waits, at most `wait`, for the buffer to hold a record.
+    fn wait_for_records(&self, wait: Duration) {
+        let mut b = self.buffer();
+        if !b.is_empty() || wait.is_zero() {
+            return;
+        }
+        b.loop_waiting = true;
+        let (mut b, _) = self
+            .records_ready
+            .wait_timeout(b, wait)
+            .unwrap_or_else(PoisonError::into_inner);
+        b.loop_waiting = false;
+    }
+
+    /// Whether the buffer has room for another record, waiting for it at most
+    /// [`MAX_POLL_WAIT`].
+    fn wait_for_room(&self) -> bool {
+        let mut b = self.buffer();
+        if b.has_room() {
+            return true;
+        }
+        b.poller_waiting = true;
+        let (mut b, _) = self
+            .room_freed
+            .wait_timeout(b, MAX_POLL_WAIT)
+            .unwrap_or_else(PoisonError::into_inner);
+        b.poller_waiting = false;
+        b.has_room()
+    }
+
+    /// Wakes the poller if it waits for room.
+    fn room_freed(&self, b: &mut Buffer) {
+        if b.poller_waiting {
+            b.poller_waiting = false;
+            self.room_freed.notify_one();
+        }
+    }
+
+    /// Tells the poller to stop, and wakes it if it waits for room.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _b = self.buffer();
+        self.room_freed.notify_one();
     }
 }
 
@@ -375,18 +542,22 @@ struct Attempts {
 pub(crate) struct LoopState {
     pub(crate) producer: TxProducer,
     pub(crate) txn: Option<OpenTxn>,
-    pub(crate) buffer: Buffer,
+    pub(crate) intake: Arc<Intake>,
+    /// Records are taken out of the buffer and not yet produced into the open transaction (or
+    /// put back, or the step that failed on them recovered from): the transaction must not be
+    /// committed, nor the partitions' hooks run, until the loop is done with them. The
+    /// rebalance callback waits for this to clear (see [`Shared::between_batches`]).
+    pub(crate) in_flight: bool,
+    /// The rebalance callback waits for `in_flight` to clear.
+    callback_waiting: bool,
     attempts: HashMap<(String, i32, i64), Attempts>,
-    pub(crate) pending_seeks: BTreeMap<Key, i64>,
     /// The offsets this instance last committed, per partition it owns.
     pub(crate) committed: BTreeMap<Key, i64>,
     /// Partitions with records taken for the next transaction while the open one commits
     /// (see `commit_processing_ahead`): not settled, however empty their buffer is.
     taken_ahead: BTreeSet<Key>,
-    /// When the loop last looked for positions that only moved past transaction markers.
-    last_marker_check: Instant,
-    /// A failure the rebalance callback could not handle itself (it must not stop the
-    /// instance from inside librdkafka); the loop handles it after the poll returns.
+    /// A failure the poller thread could not handle itself (in the rebalance callback it must
+    /// not stop the instance from inside librdkafka); the loop handles it next.
     pub(crate) deferred: Option<Step>,
     pub(crate) summary: RunSummary,
     next_seq: u64,
@@ -474,15 +645,41 @@ pub(crate) struct Shared<P: Processor, C> {
     pub(crate) runtime: Handle,
     pub(crate) shutdown: ShutdownHandle,
     state: Mutex<LoopState>,
+    /// Signalled when `in_flight` clears while the rebalance callback waits for it.
+    settled: Condvar,
 }
 
 impl<P: Processor, C> Shared<P, C> {
     pub(crate) fn state(&self) -> MutexGuard<'_, LoopState> {
         // A panic while holding the lock would already have ended the worker thread; the
         // state is only read afterwards to report figures.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The state, once the loop has no records in flight: the open transaction holds every
+    /// record taken so far, produced, so it may be committed, and no processing runs, so the
+    /// processor's hooks may. The loop cannot take more while the guard is held.
+    pub(crate) fn between_batches(&self) -> MutexGuard<'_, LoopState> {
+        let mut st = self.state();
+        while st.in_flight {
+            st.callback_waiting = true;
+            st = self
+                .settled
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.callback_waiting = false;
+        st
+    }
+}
+
+/// Marks the loop's records as landed (produced, put back, or recovered from), waking a
+/// rebalance callback that waits for that.
+fn land<P: Processor, C>(shared: &Shared<P, C>, st: &mut LoopState) {
+    st.in_flight = false;
+    if st.callback_waiting {
+        st.callback_waiting = false;
+        shared.settled.notify_all();
     }
 }
 
@@ -512,18 +709,16 @@ where
         config,
         runtime,
         shutdown,
+        settled: Condvar::new(),
         state: Mutex::new(LoopState {
             producer,
             txn: None,
-            buffer: Buffer {
-                single_topic,
-                ..Buffer::default()
-            },
+            intake: Arc::new(Intake::new(single_topic)),
+            in_flight: false,
+            callback_waiting: false,
             attempts: HashMap::new(),
-            pending_seeks: BTreeMap::new(),
             committed: BTreeMap::new(),
             taken_ahead: BTreeSet::new(),
-            last_marker_check: Instant::now(),
             deferred: None,
             summary: RunSummary::default(),
             next_seq: 0,
@@ -553,18 +748,9 @@ where
         "pipeline started"
     );
 
+    // An open transaction is aborted in there when the loop fails.
     let result = main_loop(&shared, &consumer);
 
-    if result.is_err() {
-        // Best effort: an abort that fails leaves the transaction to the broker's timeout, or
-        // to the next instance's init_transactions. Either way it never commits.
-        let mut st = shared.state();
-        if st.txn.is_some()
-            && let Err(e) = abort_open(&mut st, "the pipeline is stopping on an error")
-        {
-            tracing::debug!(error = %e, "abort while stopping failed");
-        }
-    }
     // Leaving the group runs the revoke callback (nothing is open any more) and hands the
     // partitions to the other instances at once.
     leave_group(&consumer);
@@ -612,6 +798,12 @@ fn leave_group<Ctx: rdkafka::consumer::ConsumerContext>(consumer: &BaseConsumer<
     );
 }
 
+/// Runs the poller thread beside the transaction loop until the loop ends, then stops it.
+///
+/// Why two threads: copying records out of librdkafka took a third of the loop's time, and
+/// nothing else could run meanwhile; with one thread, neither onceflow nor a plain
+/// at-least-once loop used the machine's two cores (docs/benchmarks.md). The poller polls, and
+/// copies each record into the buffer, while the loop processes, produces and commits.
 fn main_loop<P, C>(
     shared: &Arc<Shared<P, C>>,
     consumer: &PipelineConsumer<P, C>,
@@ -620,6 +812,63 @@ where
     P: Processor,
     C: Codec<P::Input>,
 {
+    let intake = Arc::clone(&shared.state().intake);
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .name("onceflow-poller".into())
+            .spawn_scoped(scope, || poll_loop(shared, consumer, &intake))
+            .map_err(|e| Error::Worker(format!("cannot start the poller thread: {e}")))?;
+        let mut poller = Poller {
+            intake: &intake,
+            handle: Some(handle),
+        };
+        let result = transaction_loop(shared, consumer, &mut poller);
+        {
+            let mut st = shared.state();
+            if result.is_err() && st.txn.is_some() {
+                // Best effort: an abort that fails leaves the transaction to the broker's
+                // timeout, or to the next instance's init_transactions. Either way it never
+                // commits — and it is gone before a rebalance callback could commit it.
+                if let Err(e) = abort_open(&mut st, "the pipeline is stopping on an error") {
+                    tracing::debug!(error = %e, "abort while stopping failed");
+                }
+            }
+            // A rebalance callback waiting for the loop must be let go for the poller to stop.
+            land(shared, &mut st);
+        }
+        let stopped = poller.stop();
+        result.and(stopped)
+    })
+}
+
+/// The running poller thread, stopped (and waited for) once.
+struct Poller<'scope, 'a> {
+    intake: &'a Intake,
+    handle: Option<std::thread::ScopedJoinHandle<'scope, ()>>,
+}
+
+impl Poller<'_, '_> {
+    fn stop(&mut self) -> Result<(), Error> {
+        let Some(handle) = self.handle.take() else {
+            return Ok(());
+        };
+        self.intake.stop();
+        handle
+            .join()
+            .map_err(|_| Error::Worker("the poller thread panicked".into()))
+    }
+}
+
+fn transaction_loop<P, C>(
+    shared: &Arc<Shared<P, C>>,
+    consumer: &PipelineConsumer<P, C>,
+    poller: &mut Poller<'_, '_>,
+) -> Result<(), Error>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let intake = poller.intake;
     loop {
         if shared.shutdown.is_forced() {
             let mut st = shared.state();
@@ -629,6 +878,9 @@ where
             return Err(Error::Interrupted);
         }
         if shared.shutdown.is_shutdown_requested() {
+            // The poller first: with nothing polled behind its back, the last commit may send
+            // the consumer's positions (past trailing transaction markers).
+            poller.stop()?;
             let step = {
                 let mut st = shared.state();
                 commit_open(&mut st, consumer)
@@ -644,13 +896,20 @@ where
             }
         }
 
-        poll_into_buffer(shared, consumer);
+        // With nothing buffered, wait for records, at most until the open transaction is due.
+        let wait = match &shared.state().txn {
+            Some(t) => t
+                .due
+                .saturating_duration_since(Instant::now())
+                .min(MAX_POLL_WAIT),
+            None => MAX_POLL_WAIT,
+        };
+        intake.wait_for_records(wait);
 
         let deferred = shared.state().deferred.take();
         if let Some(step) = deferred {
             recover(shared, consumer, step)?;
         }
-        apply_pending_seeks(shared, consumer)?;
 
         if let Err(step) = process_buffered(shared) {
             recover(shared, consumer, step)?;
@@ -665,98 +924,93 @@ where
         if due && let Err(step) = commit_processing_ahead(shared, consumer) {
             recover(shared, consumer, step)?;
         }
-        let step = {
-            let mut st = shared.state();
-            if st.last_marker_check.elapsed() >= shared.config.commit_interval {
-                st.last_marker_check = Instant::now();
-                commit_marker_positions(&mut st, consumer)
-            } else {
-                Ok(())
-            }
-        };
-        if let Err(step) = step {
-            recover(shared, consumer, step)?;
-        }
     }
 }
 
-/// Polls once (waiting at most until the open transaction is due), then drains what the
-/// consumer already fetched. Every record goes straight into the shared buffer, so a
-/// revocation during a later poll can drop the revoked partitions' records.
-fn poll_into_buffer<P, C>(shared: &Arc<Shared<P, C>>, consumer: &PipelineConsumer<P, C>)
+/// The poller thread: applies pending seeks, polls records into the buffer one at a time, and
+/// serves librdkafka's callbacks — the rebalance callback among them — inside `poll`. When the
+/// stream is idle it also commits positions that moved past transaction markers.
+fn poll_loop<P, C>(shared: &Arc<Shared<P, C>>, consumer: &PipelineConsumer<P, C>, intake: &Intake)
 where
     P: Processor,
     C: Codec<P::Input>,
 {
-    let (wait, room) = {
-        let st = shared.state();
-        let room = if st.buffer.bytes >= MAX_BUFFERED_BYTES {
-            0
-        } else {
-            MAX_BATCH.min(MAX_BUFFERED.saturating_sub(st.buffer.len()))
-        };
-        // With records waiting to be processed, only serve what is already fetched.
-        let wait = match &st.txn {
-            _ if !st.buffer.is_empty() => Duration::ZERO,
-            Some(t) => t
-                .due
-                .saturating_duration_since(Instant::now())
-                .min(MAX_POLL_WAIT),
-            None => MAX_POLL_WAIT,
-        };
-        (wait, room)
-    };
-    if room == 0 {
-        return;
-    }
-    let mut wait = wait;
-    for _ in 0..room {
-        match consumer.poll(wait) {
+    let mut wait = Duration::ZERO;
+    let mut last_marker_check = Instant::now();
+    while !intake.stop.load(Ordering::SeqCst) {
+        if let Err(e) = apply_pending_seeks(intake, consumer) {
+            defer(shared, Step::Stop(e));
+        }
+        if !intake.wait_for_room() {
+            continue;
+        }
+        // Counted from before the poll: a record it returns moves the consumer's position
+        // before it is in the buffer.
+        intake.polls_in_progress.fetch_add(1, Ordering::SeqCst);
+        let got = match consumer.poll(wait) {
             Some(Ok(message)) => {
-                // One record at a time, under the lock: a revocation served inside the next
-                // `poll` must find every earlier record in the buffer to drop it.
-                shared.state().buffer.push(&message);
+                // One record at a time: a revocation served inside the next `poll` must find
+                // every earlier record in the buffer to drop it.
+                intake.push(&message);
+                true
             }
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "consumer error");
-                break;
+                false
             }
-            None => break,
+            None => false,
+        };
+        intake.polls_in_progress.fetch_sub(1, Ordering::SeqCst);
+        // Drain what is fetched without waiting; once it is drained, wait for more (a poll
+        // returns as soon as a record arrives).
+        wait = if got { Duration::ZERO } else { MAX_POLL_WAIT };
+        if !got && last_marker_check.elapsed() >= shared.config.commit_interval {
+            last_marker_check = Instant::now();
+            let mut st = shared.state();
+            if !st.in_flight
+                && st.deferred.is_none()
+                && let Err(step) = commit_marker_positions(&mut st, consumer)
+            {
+                st.deferred = Some(step);
+            }
         }
-        wait = Duration::ZERO;
     }
 }
 
-/// Seeks partitions whose records must be processed again (after an abort), dropping their
-/// buffered records first: those came from before the rewind.
-fn apply_pending_seeks<P, C>(
-    shared: &Arc<Shared<P, C>>,
-    consumer: &PipelineConsumer<P, C>,
-) -> Result<(), Error>
-where
-    P: Processor,
-    C: Codec<P::Input>,
-{
+/// Hands a failure to the loop, unless one is already waiting there.
+fn defer<P: Processor, C>(shared: &Shared<P, C>, step: Step) {
+    let mut st = shared.state();
+    if st.deferred.is_none() {
+        st.deferred = Some(step);
+    }
+}
+
+/// Seeks partitions whose records must be processed again (after an abort). Their buffered
+/// records were dropped when the seek was scheduled, and records of theirs polled until now
+/// were dropped on arrival (see [`Buffer::is_stale`]): those came from before the rewind. Runs
+/// on the poller thread between polls, so no record is polled while a seek is under way.
+fn apply_pending_seeks<Ctx: rdkafka::consumer::ConsumerContext>(
+    intake: &Intake,
+    consumer: &BaseConsumer<Ctx>,
+) -> Result<(), Error> {
     let seeks = {
-        let mut st = shared.state();
-        if st.pending_seeks.is_empty() {
+        let b = intake.buffer();
+        if b.pending_seeks.is_empty() {
             return Ok(());
         }
-        let seeks = std::mem::take(&mut st.pending_seeks);
-        st.buffer.drop_partitions(|k| seeks.contains_key(k));
-        seeks
+        b.pending_seeks.clone()
     };
     let assigned = assigned_set(consumer);
-    for ((topic, partition), offset) in seeks {
-        if !assigned.contains(&(topic.clone(), partition)) {
+    for ((topic, partition), offset) in &seeks {
+        if !assigned.contains(&(topic.clone(), *partition)) {
             // Revoked meanwhile: its next owner starts from the committed offset anyway.
             continue;
         }
         consumer
             .seek(
-                &topic,
-                partition,
-                rdkafka::Offset::Offset(offset),
+                topic,
+                *partition,
+                rdkafka::Offset::Offset(*offset),
                 Duration::from_secs(10),
             )
             .map_err(|e| Error::kafka("seeking back to the last committed offset", e))?;
@@ -766,6 +1020,13 @@ where
             offset,
             "rewound to the last committed offset"
         );
+    }
+    let mut b = intake.buffer();
+    for (key, offset) in seeks {
+        // Unless the loop rewound the partition again (lower) meanwhile: then seek again.
+        if b.pending_seeks.get(&key) == Some(&offset) {
+            b.pending_seeks.remove(&key);
+        }
     }
     Ok(())
 }
@@ -815,8 +1076,9 @@ enum Outcome {
 /// commit must not send their consumer position, which is past the batch, as the offset to
 /// resume from). If the commit or the next `begin` fails, the batch's records go back to the
 /// front of the buffer, untouched, as if never taken: the recovery that follows (abort and
-/// rewind, a new producer, or a stop) treats them like any buffered record. Nothing is polled
-/// while the batch is processed, so no rebalance can come in between.
+/// rewind, a new producer, or a stop) treats them like any buffered record. The batch is in
+/// flight from the moment it is taken until it is produced (or put back and recovered from), so
+/// a rebalance served on the poller thread meanwhile waits for it before it commits.
 fn commit_processing_ahead<P, C>(
     shared: &Arc<Shared<P, C>>,
     consumer: &PipelineConsumer<P, C>,
@@ -828,10 +1090,16 @@ where
     let config = &shared.config;
     let ahead = {
         let mut st = shared.state();
+        if st.deferred.is_some() {
+            // The poller failed on this transaction (in a rebalance); the loop handles that
+            // first.
+            return Ok(());
+        }
         // Records of the committing transaction do not count against the next one's limit.
-        let n = batch_size(&st, config.max_records_per_transaction, 0);
+        let n = batch_size(&st.intake.buffer(), config.max_records_per_transaction, 0);
         (n > 0).then(|| {
             let batch = take_batch(&mut st, n, config.commit_interval);
+            st.in_flight = true;
             // Their partitions' positions are past records the committing transaction does
             // not hold: committing a position instead of its next offset would skip them.
             for (records, _, _) in &batch.groups {
@@ -876,9 +1144,17 @@ where
     });
     if let Err(step) = begun {
         let mut st = shared.state();
-        let LoopState { buffer, spare, .. } = &mut *st;
+        let LoopState { intake, spare, .. } = &mut *st;
+        let mut buffer = intake.buffer();
         for (mut records, outcomes, outputs) in results {
-            buffer.put_back(&mut records);
+            // Unless a rewind is pending for the partition: then its buffer was dropped, and
+            // these records are read again after the seek.
+            if records
+                .first()
+                .is_some_and(|m| !buffer.rewinds(m.topic(), m.partition()))
+            {
+                buffer.put_back(&mut records);
+            }
             spare.keep(records, outcomes, outputs);
         }
         return Err(step);
@@ -897,8 +1173,17 @@ where
     // Take a batch and open the transaction.
     let batch = {
         let mut st = shared.state();
+        if st.deferred.is_some() {
+            // The poller failed on this transaction (in a rebalance); the loop handles that
+            // first.
+            return Ok(());
+        }
         let taken = st.txn.as_ref().map_or(0, |t| t.records);
-        let n = batch_size(&st, config.max_records_per_transaction, taken);
+        let n = batch_size(
+            &st.intake.buffer(),
+            config.max_records_per_transaction,
+            taken,
+        );
         if n == 0 {
             return Ok(());
         }
@@ -907,6 +1192,7 @@ where
             begin_txn(&mut st, due)?;
         }
         let batch = take_batch(&mut st, n, config.commit_interval);
+        st.in_flight = true;
         note_rewind_points(&mut st, &batch.groups);
         batch
     };
@@ -938,12 +1224,12 @@ struct Batch {
 /// How many buffered records the next batch takes: at most [`MAX_BATCH`], about
 /// [`MAX_BATCH_BYTES`] at the buffer's average record size (at least one record), and no more
 /// than the transaction (holding `taken` records already) may still hold.
-fn batch_size(st: &LoopState, max_per_transaction: usize, taken: usize) -> usize {
+fn batch_size(buffer: &Buffer, max_per_transaction: usize, taken: usize) -> usize {
     max_per_transaction
         .saturating_sub(taken)
         .min(MAX_BATCH)
-        .min(records_in_batch_bytes(st.buffer.len(), st.buffer.bytes))
-        .min(st.buffer.len())
+        .min(records_in_batch_bytes(buffer.len(), buffer.bytes))
+        .min(buffer.len())
 }
 
 /// How many of `len` buffered records holding `bytes` in all fit in [`MAX_BATCH_BYTES`] at
@@ -962,11 +1248,16 @@ fn take_batch(st: &mut LoopState, n: usize, commit_interval: Duration) -> Batch 
     let share = st.per_partition_share(commit_interval);
     let LoopState {
         attempts,
-        buffer,
+        intake,
         spare,
         ..
     } = st;
-    let taken = buffer.take(n, share, spare);
+    let taken = {
+        let mut buffer = intake.buffer();
+        let taken = buffer.take(n, share, spare);
+        intake.room_freed(&mut buffer);
+        taken
+    };
     let mut prior: HashMap<(String, i32, i64), (u32, String)> = HashMap::new();
     if !attempts.is_empty() {
         for (key, records) in &taken {
@@ -1218,6 +1509,8 @@ where
         }
         spare.keep(records, outcomes, outputs);
     }
+    // Every record of the batch is in the transaction now, with its offset.
+    land(shared, &mut guard);
     Ok(())
 }
 
@@ -1400,6 +1693,13 @@ fn positions_past_markers<Ctx: rdkafka::consumer::ConsumerContext>(
     let Ok(positions) = consumer.position() else {
         return Vec::new();
     };
+    // Read after the positions: a poll that began before them may have returned a record past
+    // which they point and that is not buffered yet. Without a poll in progress, every record
+    // below the positions is buffered, taken, or dropped with a rewind or a revocation.
+    if st.intake.polls_in_progress.load(Ordering::SeqCst) > 0 {
+        return Vec::new();
+    }
+    let buffer = st.intake.buffer();
     positions
         .elements()
         .iter()
@@ -1414,7 +1714,7 @@ fn positions_past_markers<Ctx: rdkafka::consumer::ConsumerContext>(
                 .and_then(|t| t.next.get(&key))
                 .or_else(|| st.committed.get(&key))
                 .copied()?;
-            let settled = settled(&key, owned, &st.buffer, &st.taken_ahead, &st.pending_seeks);
+            let settled = settled(&key, owned, &buffer, &st.taken_ahead);
             (settled && position > ours).then_some((key, position))
         })
         .collect()
@@ -1423,17 +1723,11 @@ fn positions_past_markers<Ctx: rdkafka::consumer::ConsumerContext>(
 /// Whether everything below a partition's consumer position is processed (or invisible): it is
 /// owned, nothing of it is buffered or taken ahead for the next transaction, and no rewind is
 /// pending.
-fn settled(
-    key: &Key,
-    owned: &BTreeSet<Key>,
-    buffer: &Buffer,
-    taken_ahead: &BTreeSet<Key>,
-    pending_seeks: &BTreeMap<Key, i64>,
-) -> bool {
+fn settled(key: &Key, owned: &BTreeSet<Key>, buffer: &Buffer, taken_ahead: &BTreeSet<Key>) -> bool {
     owned.contains(key)
         && buffer.partition_len(key) == 0
         && !taken_ahead.contains(key)
-        && !pending_seeks.contains_key(key)
+        && !buffer.pending_seeks.contains_key(key)
 }
 
 /// When idle, commits positions that only moved past transaction markers, in an offsets-only
@@ -1442,7 +1736,7 @@ fn commit_marker_positions<Ctx: rdkafka::consumer::ConsumerContext>(
     st: &mut LoopState,
     consumer: &BaseConsumer<Ctx>,
 ) -> Result<(), Step> {
-    if st.txn.is_some() || !st.buffer.is_empty() || st.committed.is_empty() {
+    if st.txn.is_some() || !st.intake.buffer().is_empty() || st.committed.is_empty() {
         return Ok(());
     }
     let owned = assigned_set(consumer);
@@ -1552,7 +1846,7 @@ pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPa
         return Ok(Vec::new());
     };
     let result = st.producer.abort();
-    let partitions = rewind(st, Some(&txn));
+    let partitions = rewind(&mut st.intake.buffer(), Some(&txn));
     st.summary.transactions_aborted += 1;
     txn.span.record("records", txn.records);
     txn.span.record("partitions", txn.rewind.len());
@@ -1569,16 +1863,14 @@ pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPa
     result.map(|()| partitions)
 }
 
-/// Schedules seeks back to each partition's rewind point and empties the buffer.
-fn rewind(st: &mut LoopState, txn: Option<&OpenTxn>) -> Vec<TopicPartition> {
+/// Schedules seeks back to each partition's rewind point and empties the buffer (under one
+/// hold of its lock, so the poller cannot slip a record of a rewound partition in between).
+fn rewind(buffer: &mut Buffer, txn: Option<&OpenTxn>) -> Vec<TopicPartition> {
     let mut points: BTreeMap<Key, i64> = txn.map(|t| t.rewind.clone()).unwrap_or_default();
-    for (k, first) in st.buffer.drain_first_offsets() {
+    for (k, first) in buffer.drain_first_offsets() {
         points.entry(k).or_insert(first);
     }
-    for (k, o) in &points {
-        let e = st.pending_seeks.entry(k.clone()).or_insert(*o);
-        *e = (*e).min(*o);
-    }
+    buffer.schedule_seeks(&points);
     points
         .into_keys()
         .map(|(t, p)| TopicPartition::new(t, p))
@@ -1586,12 +1878,26 @@ fn rewind(st: &mut LoopState, txn: Option<&OpenTxn>) -> Vec<TopicPartition> {
 }
 
 /// Acts on a failed step: abort and go on, re-create a producer whose transaction the broker
-/// timed out, or stop.
+/// timed out, or stop. Whatever the outcome, the loop has no records in flight afterwards.
+fn recover<P, C>(
+    shared: &Arc<Shared<P, C>>,
+    consumer: &PipelineConsumer<P, C>,
+    step: Step,
+) -> Result<(), Error>
+where
+    P: Processor,
+    C: Codec<P::Input>,
+{
+    let result = recover_from(shared, consumer, step);
+    land(shared, &mut shared.state());
+    result
+}
+
 #[expect(
     clippy::disallowed_methods,
     reason = "the retry back-off sleeps the worker thread, never an async executor thread"
 )]
-fn recover<P, C>(
+fn recover_from<P, C>(
     shared: &Arc<Shared<P, C>>,
     consumer: &PipelineConsumer<P, C>,
     step: Step,
@@ -1604,22 +1910,29 @@ where
         Step::Abort { reason, backoff } => {
             let aborted = {
                 let mut st = shared.state();
-                abort_open(&mut st, &reason)
+                let aborted = abort_open(&mut st, &reason);
+                if let Ok(partitions) = &aborted
+                    && !partitions.is_empty()
+                {
+                    // Under the lock, so that no rebalance hook runs at the same time: the
+                    // hooks are called one at a time, between batches.
+                    shared
+                        .runtime
+                        .block_on(shared.processor.on_transaction_aborted(partitions));
+                }
+                // Nothing is open or in flight any more: a rebalance need not wait for the
+                // back-off. The poller applies the rewind's seeks.
+                land(shared, &mut st);
+                aborted
             };
             match aborted {
-                Ok(partitions) => {
-                    if !partitions.is_empty() {
-                        shared
-                            .runtime
-                            .block_on(shared.processor.on_transaction_aborted(&partitions));
-                    }
-                    apply_pending_seeks(shared, consumer)?;
+                Ok(_) => {
                     if let Some(b) = backoff {
                         std::thread::sleep(b);
                     }
                     Ok(())
                 }
-                Err(e) => recover(shared, consumer, Step::Stop(e)),
+                Err(e) => recover_from(shared, consumer, Step::Stop(e)),
             }
         }
         Step::Stop(e) => {
@@ -1741,28 +2054,36 @@ where
             ((e.topic().to_owned(), e.partition()), offset)
         })
         .collect();
-    let (old, partitions) = {
-        let mut st = shared.state();
-        let old = std::mem::replace(&mut st.producer, fresh);
-        let txn = st.txn.take();
+    let mut st = shared.state();
+    let old = std::mem::replace(&mut st.producer, fresh);
+    let txn = st.txn.take();
+    {
+        let intake = Arc::clone(&st.intake);
+        // All under one hold of the buffer's lock: no record the poller brings in between
+        // can survive the seeks.
+        let mut buffer = intake.buffer();
         // Every record this instance holds or has taken since its last commit — the open
         // transaction's and the buffer's, which `rewind` empties — must be read again.
-        let in_memory = rewind(&mut st, txn.as_ref());
-        let rewind_points = std::mem::take(&mut st.pending_seeks);
-        st.pending_seeks = recovery_seeks(&committed, &rewind_points);
-        st.summary.transactions_aborted += u64::from(txn.is_some());
-        st.summary.producer_recoveries += 1;
-        st.producer_recoveries_in_row += 1;
-        st.txn_started = None;
-        (old, in_memory)
-    };
-    drop(old);
-    if !partitions.is_empty() {
-        shared
-            .runtime
-            .block_on(shared.processor.on_transaction_aborted(&partitions));
+        let partitions = rewind(&mut buffer, txn.as_ref());
+        let rewind_points = std::mem::take(&mut buffer.pending_seeks);
+        let seeks = recovery_seeks(&committed, &rewind_points);
+        buffer.drop_partitions(|k| seeks.contains_key(k));
+        buffer.pending_seeks = seeks;
+        drop(buffer);
+        if !partitions.is_empty() {
+            // Under the state's lock, like every hook (see `recover_from`).
+            shared
+                .runtime
+                .block_on(shared.processor.on_transaction_aborted(&partitions));
+        }
     }
-    apply_pending_seeks(shared, consumer)
+    st.summary.transactions_aborted += u64::from(txn.is_some());
+    st.summary.producer_recoveries += 1;
+    st.producer_recoveries_in_row += 1;
+    st.txn_started = None;
+    drop(st);
+    drop(old);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1856,34 +2177,66 @@ mod tests {
         let key = ("in".to_owned(), 0);
         let owned = BTreeSet::from([key.clone()]);
         let mut buffer = Buffer::default();
-        let no_seeks = BTreeMap::new();
         let mut ahead = BTreeSet::new();
-        assert!(settled(&key, &owned, &buffer, &ahead, &no_seeks));
-        // Its buffer is empty because its records were taken for the next transaction while
-        // the open one commits: committing its position would skip them.
+        assert!(settled(&key, &owned, &buffer, &ahead));
         buffer.push_owned(&record(0, 7, 1));
         let _taken = buffer.take(10, 10, &mut Spare::default());
         ahead.insert(key.clone());
-        assert!(!settled(&key, &owned, &buffer, &ahead, &no_seeks));
-        // Buffered, not owned, or about to be rewound: not settled either.
+        assert!(!settled(&key, &owned, &buffer, &ahead));
         buffer.push_owned(&record(0, 8, 1));
-        assert!(!settled(&key, &owned, &buffer, &BTreeSet::new(), &no_seeks));
+        assert!(!settled(&key, &owned, &buffer, &BTreeSet::new()));
         let none_owned = BTreeSet::new();
         assert!(!settled(
             &key,
             &none_owned,
             &Buffer::default(),
-            &BTreeSet::new(),
-            &no_seeks
+            &BTreeSet::new()
         ));
-        let seek = BTreeMap::from([(key.clone(), 3)]);
-        assert!(!settled(
-            &key,
-            &owned,
-            &Buffer::default(),
-            &BTreeSet::new(),
-            &seek
-        ));
+        let mut rewinding = Buffer::default();
+        rewinding.schedule_seeks(&BTreeMap::from([(key.clone(), 3)]));
+        assert!(!settled(&key, &owned, &rewinding, &BTreeSet::new()));
+    }
+
+    #[test]
+    fn records_of_a_partition_waiting_for_its_rewind_are_dropped_on_arrival() {
+        let intake = Intake::new(true);
+        intake.push(&record(0, 5, 1));
+        intake.push(&record(1, 5, 1));
+        {
+            let mut b = intake.buffer();
+            // The abort's rewind: partition 0 goes back to 5, and drops what it buffered.
+            b.schedule_seeks(&BTreeMap::from([(("in".to_owned(), 0), 5)]));
+            // A second rewind further back wins; a later one does not.
+            b.schedule_seeks(&BTreeMap::from([(("in".to_owned(), 0), 4)]));
+            b.schedule_seeks(&BTreeMap::from([(("in".to_owned(), 0), 9)]));
+            assert_eq!(b.pending_seeks[&("in".to_owned(), 0)], 4);
+            assert_eq!(b.len(), 1);
+        }
+        // Polled before the seek: from before the rewind, so dropped.
+        intake.push(&record(0, 6, 1));
+        intake.push(&record(1, 6, 1));
+        let mut b = intake.buffer();
+        assert_eq!(b.partition_len(&("in".to_owned(), 0)), 0);
+        assert_eq!(b.partition_len(&("in".to_owned(), 1)), 2);
+        // Once the seek is applied, records are buffered again.
+        b.pending_seeks.clear();
+        drop(b);
+        intake.push(&record(0, 4, 1));
+        assert_eq!(intake.buffer().partition_len(&("in".to_owned(), 0)), 1);
+    }
+
+    #[test]
+    fn the_buffer_has_room_below_both_bounds() {
+        let mut buffer = Buffer::default();
+        assert!(buffer.has_room());
+        buffer.push_owned(&record(0, 0, MAX_BUFFERED_BYTES));
+        assert!(!buffer.has_room());
+        let _ = buffer.take(1, 1, &mut Spare::default());
+        assert!(buffer.has_room());
+        for offset in 0..MAX_BUFFERED {
+            buffer.push_owned(&record(0, i64::try_from(offset).unwrap_or(0), 0));
+        }
+        assert!(!buffer.has_room());
     }
 
     #[test]
