@@ -361,14 +361,33 @@ impl Intake {
         self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Buffers a polled record (or drops it, if it is from before a pending rewind) and wakes
-    /// the loop if it waits.
+    /// Buffers a polled record (or drops it, if it is from before a pending rewind). Wakes the
+    /// loop, if it waits, only once a whole batch is buffered: otherwise the poller's
+    /// [`drained`](Self::drained) does.
+    ///
+    /// Why not at the first record: the loop would take it as a batch of one, and the next
+    /// record too. Woken per record, the loop processed, produced and locked per record, and
+    /// used more CPU per record than the single-threaded loop (docs/benchmarks.md).
     fn push<M: rdkafka::Message>(&self, m: &M) {
         let mut b = self.buffer();
         if b.is_stale(m) {
             return;
         }
         b.push(m);
+        if b.len() >= MAX_BATCH {
+            self.wake_loop(&mut b);
+        }
+    }
+
+    /// The poller found nothing more to poll: wakes the loop for what it buffered.
+    fn drained(&self) {
+        let mut b = self.buffer();
+        if !b.is_empty() {
+            self.wake_loop(&mut b);
+        }
+    }
+
+    fn wake_loop(&self, b: &mut Buffer) {
         if b.loop_waiting {
             b.loop_waiting = false;
             self.records_ready.notify_one();
@@ -961,9 +980,12 @@ where
             None => false,
         };
         intake.polls_in_progress.fetch_sub(1, Ordering::SeqCst);
-        // Drain what is fetched without waiting; once it is drained, wait for more (a poll
-        // returns as soon as a record arrives).
+        // Drain what is fetched without waiting; once it is drained, wake the loop and wait for
+        // more (a poll returns as soon as a record arrives).
         wait = if got { Duration::ZERO } else { MAX_POLL_WAIT };
+        if !got {
+            intake.drained();
+        }
         if !got && last_marker_check.elapsed() >= shared.config.commit_interval {
             last_marker_check = Instant::now();
             let mut st = shared.state();
