@@ -178,15 +178,11 @@ impl Buffer {
     }
 
     /// Whether `m`'s partition waits for a seek back: then `m` was fetched before the rewind.
+    /// (The partition is compared first: `topic()` measures the name on every call.)
     fn is_stale<M: rdkafka::Message>(&self, m: &M) -> bool {
-        !self.pending_seeks.is_empty() && self.rewinds(m.topic(), m.partition())
-    }
-
-    /// Whether a seek back is pending for the partition.
-    fn rewinds(&self, topic: &str, partition: i32) -> bool {
         self.pending_seeks
             .keys()
-            .any(|k| k.1 == partition && k.0 == topic)
+            .any(|k| k.1 == m.partition() && k.0 == m.topic())
     }
 
     /// Drops the buffered records of `seeks`' partitions and schedules the seeks; where one is
@@ -982,11 +978,13 @@ where
         intake.polls_in_progress.fetch_sub(1, Ordering::SeqCst);
         // Drain what is fetched without waiting; once it is drained, wake the loop and wait for
         // more (a poll returns as soon as a record arrives).
-        wait = if got { Duration::ZERO } else { MAX_POLL_WAIT };
-        if !got {
-            intake.drained();
+        if got {
+            wait = Duration::ZERO;
+            continue;
         }
-        if !got && last_marker_check.elapsed() >= shared.config.commit_interval {
+        wait = MAX_POLL_WAIT;
+        intake.drained();
+        if last_marker_check.elapsed() >= shared.config.commit_interval {
             last_marker_check = Instant::now();
             let mut st = shared.state();
             if !st.in_flight
@@ -1169,14 +1167,9 @@ where
         let LoopState { intake, spare, .. } = &mut *st;
         let mut buffer = intake.buffer();
         for (mut records, outcomes, outputs) in results {
-            // Unless a rewind is pending for the partition: then its buffer was dropped, and
-            // these records are read again after the seek.
-            if records
-                .first()
-                .is_some_and(|m| !buffer.rewinds(m.topic(), m.partition()))
-            {
-                buffer.put_back(&mut records);
-            }
+            // No rewind can be pending for these partitions: a partition waiting for its seek
+            // has nothing buffered to take, and nothing else rewinds while they are in flight.
+            buffer.put_back(&mut records);
             spare.keep(records, outcomes, outputs);
         }
         return Err(step);
