@@ -477,6 +477,7 @@ impl Bench<'_> {
         let mut worker = self.spawn(mode, input, &output, &group)?;
         let ready = worker.wait_ready(Duration::from_secs(120)).await?;
         let (user_at_ready, system_at_ready) = worker.user_and_system_seconds_so_far()?;
+        let librdkafka_at_ready = worker.librdkafka_seconds_so_far()?;
         let cpu_at_ready = user_at_ready + system_at_ready;
         let broker_cpu_at_ready = self.broker_cpu_seconds()?;
         let commits = mode != "ceiling";
@@ -515,6 +516,10 @@ impl Bench<'_> {
         }
         let finished = Instant::now();
         let (user_at_end, system_at_end) = worker.user_and_system_seconds_so_far()?;
+        let librdkafka = worker
+            .librdkafka_seconds_so_far()?
+            .zip(librdkafka_at_ready)
+            .map(|(end, start)| end - start);
         let cpu_total_at_end = user_at_end + system_at_end;
         let broker_cpu = self
             .broker_cpu_seconds()?
@@ -533,6 +538,7 @@ impl Bench<'_> {
             records_per_second: records as f64 / seconds,
             cpu_seconds: cpu_total_at_end - cpu_at_ready,
             cpu_system_seconds: Some(system_at_end - system_at_ready),
+            cpu_librdkafka_seconds: librdkafka,
             cpu_seconds_total: usage.cpu_seconds,
             broker_cpu_seconds: broker_cpu.map(|b| b.total - b.jit),
             broker_jit_cpu_seconds: broker_cpu.map(|b| b.jit),
@@ -540,7 +546,7 @@ impl Bench<'_> {
             peak_rss_mib: usage.peak_rss_mib,
         };
         println!(
-            "{:<16} {:>5} B  #{repeat}  {:>9.0} records/s  {:>6.1} s (+{:.1} s start)  cpu {:>6.1} s ({:.1} s system)  broker cpu {:>6.1} s (+{:.1} s JIT; {:.1} s system)  rss {:>7.1} MiB",
+            "{:<16} {:>5} B  #{repeat}  {:>9.0} records/s  {:>6.1} s (+{:.1} s start)  cpu {:>6.1} s ({:.1} s system, {:.1} s librdkafka)  broker cpu {:>6.1} s (+{:.1} s JIT; {:.1} s system)  rss {:>7.1} MiB",
             row.mode,
             row.value_size,
             row.records_per_second,
@@ -548,6 +554,7 @@ impl Bench<'_> {
             row.startup_seconds,
             row.cpu_seconds,
             row.cpu_system_seconds.unwrap_or(f64::NAN),
+            row.cpu_librdkafka_seconds.unwrap_or(f64::NAN),
             row.broker_cpu_seconds.unwrap_or(f64::NAN),
             row.broker_jit_cpu_seconds.unwrap_or(f64::NAN),
             row.broker_system_cpu_seconds.unwrap_or(f64::NAN),

@@ -93,6 +93,12 @@ impl Worker {
         user_and_system_seconds_of(self.child.id())
     }
 
+    /// The CPU seconds librdkafka's own threads in the worker have used so far (`None` for a
+    /// worker without them: the Kafka Streams modes).
+    pub fn librdkafka_seconds_so_far(&self) -> anyhow::Result<Option<f64>> {
+        librdkafka_cpu_seconds_of(self.child.id())
+    }
+
     /// The worker's peak resident set size so far (MiB): `VmHWM`, the high-water mark of its
     /// own address space. Not `wait4`'s `ru_maxrss`: Linux carries the pre-`exec` image's
     /// high-water mark — a copy of the harness, which holds the pre-loaded input — into it,
@@ -151,17 +157,38 @@ pub fn user_and_system_seconds_of(pid: u32) -> anyhow::Result<(f64, f64)> {
 /// it apart (threads that have ended are not counted, so a JVM that retired compiler threads
 /// under-reports; the rest of its CPU is then over-reported by as much).
 pub fn jit_cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
-    let mut total = 0.0;
+    Ok(cpu_seconds_of_threads(pid, |name| name.contains("CompilerThre"))?.unwrap_or(0.0))
+}
+
+/// CPU seconds librdkafka's own threads (named `rdk:…`: its main thread and one per broker
+/// connection, which build and send the produce and fetch requests and read the answers) have
+/// used so far in process `pid`; `None` when the process has no such thread (the Kafka
+/// Streams modes). The rest of a Rust worker's CPU is the application's: its polling,
+/// processing and producing calls.
+///
+/// Why the harness reports it: at 1 KB onceflow's worker used more CPU per record than the
+/// at-least-once copy, and the split showed where — the application's threads cost about
+/// the same in both, while librdkafka's producer thread busy-polls while a partition's next
+/// batch waits behind the one request in flight, for as long as the broker takes to answer
+/// (docs/benchmarks-journal.md, "Investigations").
+pub fn librdkafka_cpu_seconds_of(pid: u32) -> anyhow::Result<Option<f64>> {
+    cpu_seconds_of_threads(pid, |name| name.starts_with("rdk:"))
+}
+
+/// CPU seconds of the threads of `pid` whose name (`/proc/<pid>/task/*/comm`) `wanted`
+/// accepts, or `None` if there is none. Threads that have ended are not counted.
+fn cpu_seconds_of_threads(pid: u32, wanted: impl Fn(&str) -> bool) -> anyhow::Result<Option<f64>> {
+    let mut total = None;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
         // A thread may end between the listing and the read; it is then not counted.
         let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
             continue;
         };
-        if name.contains("CompilerThre")
+        if wanted(name.trim_end())
             && let Ok(seconds) = cpu_seconds_in(&dir.join("stat").to_string_lossy())
         {
-            total += seconds;
+            *total.get_or_insert(0.0) += seconds;
         }
     }
     Ok(total)
@@ -204,6 +231,20 @@ fn clock_ticks_per_second() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_are_picked_by_name_and_a_process_without_them_has_none() -> anyhow::Result<()> {
+        let me = std::process::id();
+        // This test's own thread is named after the test (libtest names its threads so).
+        let own = cpu_seconds_of_threads(me, |name| !name.is_empty())?;
+        assert!(own.is_some_and(|s| s >= 0.0), "{own:?}");
+        assert_eq!(
+            cpu_seconds_of_threads(me, |name| name == "no such thread")?,
+            None
+        );
+        assert_eq!(librdkafka_cpu_seconds_of(me)?, None);
+        Ok(())
+    }
 
     #[test]
     fn user_and_system_time_are_read_past_a_command_name_with_spaces_and_parentheses() {

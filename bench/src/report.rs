@@ -28,6 +28,11 @@ pub struct ThroughputRow {
     /// (docs/benchmarks.md, "Limits of the method").
     #[serde(default)]
     pub cpu_system_seconds: Option<f64>,
+    /// Of `cpu_seconds`, in librdkafka's own threads (`rdk:…`); the rest is the
+    /// application's. `None` for the Kafka Streams modes and in runs from before it was
+    /// recorded.
+    #[serde(default)]
+    pub cpu_librdkafka_seconds: Option<f64>,
     /// CPU seconds over the process's whole life, start-up included.
     pub cpu_seconds_total: f64,
     /// CPU seconds of the embedded broker's JVM within `seconds`, without its JIT compiler
@@ -238,11 +243,11 @@ pub fn markdown(res: &Results) -> String {
         let _ = writeln!(out, "#### {size} B values: throughput\n");
         let _ = writeln!(
             out,
-            "| mode | records/s | min – max | {REFERENCE} ÷ mode | CPU s | CPU µs / record | of it user µs / record | broker CPU µs / record | broker JIT s | peak RSS MiB | mode RSS ÷ {REFERENCE} RSS | start-up s |"
+            "| mode | records/s | min – max | {REFERENCE} ÷ mode | CPU s | CPU µs / record | of it user µs / record | of it librdkafka µs / record | broker CPU µs / record | broker JIT s | peak RSS MiB | mode RSS ÷ {REFERENCE} RSS | start-up s |"
         );
         let _ = writeln!(
             out,
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for mode in &modes {
             let rs: Vec<&ThroughputRow> = runs(&res.throughput, mode, size).collect();
@@ -258,6 +263,7 @@ pub fn markdown(res: &Results) -> String {
                     .filter_map(|r| r.cpu_system_seconds.map(|sys| r.cpu_seconds - sys))
                     .collect(),
             );
+            let librdkafka = median(rs.iter().filter_map(|r| r.cpu_librdkafka_seconds).collect());
             let rss = median(rs.iter().map(|r| r.peak_rss_mib).collect()).unwrap_or(f64::NAN);
             let broker = median(rs.iter().filter_map(|r| r.broker_cpu_seconds).collect());
             let jit = median(rs.iter().filter_map(|r| r.broker_jit_cpu_seconds).collect());
@@ -267,9 +273,10 @@ pub fn markdown(res: &Results) -> String {
             let rss_ratio = reference_rss.map_or("–".to_owned(), |x| format!("{:.1}", rss / x));
             let _ = writeln!(
                 out,
-                "| {mode} | {rps:.0} | {lo:.0} – {hi:.0} | {ratio} | {cpu:.1} | {:.1} | {} | {} | {} | {rss:.0} | {rss_ratio} | {start:.1} |",
+                "| {mode} | {rps:.0} | {lo:.0} – {hi:.0} | {ratio} | {cpu:.1} | {:.1} | {} | {} | {} | {} | {rss:.0} | {rss_ratio} | {start:.1} |",
                 cpu * 1e6 / records,
                 user.map_or("–".to_owned(), |u| format!("{:.1}", u * 1e6 / records)),
+                librdkafka.map_or("–".to_owned(), |l| format!("{:.1}", l * 1e6 / records)),
                 broker.map_or("–".to_owned(), |b| format!("{:.1}", b * 1e6 / records)),
                 jit.map_or("–".to_owned(), |j| format!("{j:.1}"))
             );
@@ -329,6 +336,7 @@ mod tests {
             records_per_second: rps,
             cpu_seconds: 0.25,
             cpu_system_seconds: Some(0.05),
+            cpu_librdkafka_seconds: (mode != "kstreams-eos-v2").then_some(0.1),
             cpu_seconds_total: 0.5,
             broker_cpu_seconds: Some(0.5),
             broker_jit_cpu_seconds: Some(0.1),
@@ -408,8 +416,10 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("| 400 | 40.0 |"), "{md}");
-        // 0.25 s of CPU over 1,000 records, 0.05 s of it in the kernel: 250 µs a record, 200
-        // of them in user mode.
-        assert!(md.contains("| 0.2 | 250.0 | 200.0 |"), "{md}");
+        // 0.25 s of CPU over 1,000 records, 0.05 s of it in the kernel and 0.1 s in
+        // librdkafka's threads: 250 µs a record, 200 of them in user mode, 100 in librdkafka.
+        assert!(md.contains("| 0.2 | 250.0 | 200.0 | 100.0 |"), "{md}");
+        // A JVM worker has no librdkafka threads.
+        assert!(md.contains("| 0.2 | 250.0 | 200.0 | – |"), "{md}");
     }
 }
