@@ -104,9 +104,10 @@ struct Args {
     quick: bool,
     /// Create the embedded broker's directory (its topics included) in this directory instead
     /// of the system's temporary one: `--broker-dir /dev/shm` puts it on tmpfs, which keeps
-    /// the host disk's writeback stalls out of the latency phase (see docs/benchmarks.md,
-    /// "The broker's disk"). The directory must exist and have room for the input topics plus
-    /// about a minute of output (deleted topics' files go after `file.delete.delay.ms`).
+    /// the host disk's writeback stalls out of the latency phase (see
+    /// docs/benchmarks-journal.md, "The broker's disk"). The directory must exist and have
+    /// room for the input topics plus about a minute of output (deleted topics' files go after
+    /// `file.delete.delay.ms`).
     #[arg(long, value_name = "DIR")]
     broker_dir: Option<std::path::PathBuf>,
     /// Use this cluster instead of an embedded broker.
@@ -673,8 +674,8 @@ async fn preload(kafka: &Kafka, topic: &str, records: u64, size: usize) -> anyho
 /// a hundred transactions a second, a JVM's page cache) falls on the same mode every time.
 /// Under rotation `onceflow-100ms` always followed `onceflow-10ms` and its side-by-side
 /// `onceflow-100ms-baseline` always followed `kstreams-alo`, which was suspected of the 1 KB
-/// disagreement between full profiles and three-mode runs (`docs/benchmarks.md`); varying the
-/// order takes that suspect out of every later comparison.
+/// disagreement between full profiles and three-mode runs (`docs/benchmarks-journal.md`);
+/// varying the order takes that suspect out of every later comparison.
 fn run_order(n: usize, repeat: usize) -> Vec<usize> {
     if n == 0 {
         return Vec::new();

@@ -87,7 +87,7 @@ pub(crate) fn create<Ctx: ConsumerContext>(
     // count binds first (two runs of 3 and 4 repeats; one earlier run measured a 13 % loss
     // there). Nor on latency: single side-by-side phases near saturation once suggested a
     // longer 1 KiB p99 tail with the smaller queues, but three repeated latency-only runs
-    // found no setting consistently shorter (docs/benchmarks.md, "What is left").
+    // found no setting consistently shorter (docs/benchmarks-journal.md, "Investigations").
     if !tuned("queued.max.messages.kbytes") {
         cc.set("queued.max.messages.kbytes", "4096");
     }

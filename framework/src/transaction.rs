@@ -107,10 +107,10 @@ const MAX_BUFFERED: usize = 20_000;
 /// Not 2 MiB (then one batch, [`MAX_BATCH`] records, of 1 KiB records): that took another ~4 MiB
 /// off at the same throughput, but with 1 KiB records at 40,000–49,000 records/s its p99
 /// latency was 1.2–4.1 s in five latency phases (three runs), against 0.7–1.1 s for the
-/// 8 MiB queues and this 4 MiB buffer side by side (docs/benchmarks.md) — single phases at a
-/// saturating rate, the kind of evidence that did not hold up for the queues when repeated, so
-/// measure again (repeated latency-only runs) before changing this either way. At 100 B the
-/// record count is the bound (20,000 records are ~2.1 MiB).
+/// 8 MiB queues and this 4 MiB buffer side by side (docs/benchmarks-journal.md) — single
+/// phases at a saturating rate, the kind of evidence that did not hold up for the queues when
+/// repeated, so measure again (repeated latency-only runs) before changing this either way.
+/// At 100 B the record count is the bound (20,000 records are ~2.1 MiB).
 const MAX_BUFFERED_BYTES: usize = 4 << 20;
 /// A batch is processed in parallel (a task per partition) when the previous one took at least
 /// this long; below it, handing work to other threads costs more than it saves.
