@@ -3,9 +3,9 @@
 //!
 //! Why two: at 1 KB, onceflow's worker ran 17–27 % faster with jemalloc as Rust's allocator
 //! (docs/benchmarks-journal.md, "Investigations"), at-least-once's was not measured the same
-//! way, and an application picks its allocator, not the framework. So the harness runs the at-least-once
-//! and `onceflow-100ms` workers a second time, as the modes `at-least-once-jemalloc` and
-//! `onceflow-100ms-jemalloc`, with jemalloc for every Rust allocation of the worker process —
+//! way, and an application picks its allocator, not the framework. So the harness runs the
+//! at-least-once and `onceflow-100ms` workers a second time, as the modes
+//! `at-least-once-jemalloc` and `onceflow-100ms-jemalloc`, with jemalloc for every Rust allocation of the worker process —
 //! what an application that links `tikv-jemallocator` gets — beside the same workers on the
 //! system allocator, in the same run. librdkafka's own allocations stay with glibc's `malloc`
 //! either way: `tikv-jemallocator` builds jemalloc with prefixed symbols.

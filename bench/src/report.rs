@@ -269,15 +269,19 @@ pub fn markdown(res: &Results) -> String {
             let jit = median(rs.iter().filter_map(|r| r.broker_jit_cpu_seconds).collect());
             let start = median(rs.iter().map(|r| r.startup_seconds).collect()).unwrap_or(f64::NAN);
             let records = rs.first().map_or(1, |r| r.records) as f64;
+            // CPU seconds as µs per record, "–" where the run did not record them.
+            let per_record = |s: Option<f64>| {
+                s.map_or("–".to_owned(), |s| format!("{:.1}", s * 1e6 / records))
+            };
             let ratio = reference.map_or("–".to_owned(), |x| format!("{:.2}", x / rps));
             let rss_ratio = reference_rss.map_or("–".to_owned(), |x| format!("{:.1}", rss / x));
             let _ = writeln!(
                 out,
                 "| {mode} | {rps:.0} | {lo:.0} – {hi:.0} | {ratio} | {cpu:.1} | {:.1} | {} | {} | {} | {} | {rss:.0} | {rss_ratio} | {start:.1} |",
                 cpu * 1e6 / records,
-                user.map_or("–".to_owned(), |u| format!("{:.1}", u * 1e6 / records)),
-                librdkafka.map_or("–".to_owned(), |l| format!("{:.1}", l * 1e6 / records)),
-                broker.map_or("–".to_owned(), |b| format!("{:.1}", b * 1e6 / records)),
+                per_record(user),
+                per_record(librdkafka),
+                per_record(broker),
                 jit.map_or("–".to_owned(), |j| format!("{j:.1}"))
             );
         }
