@@ -106,8 +106,8 @@ struct Args {
     /// of the system's temporary one: `--broker-dir /dev/shm` puts it on tmpfs, which keeps
     /// the host disk's writeback stalls out of the latency phase (see
     /// docs/benchmarks-journal.md, "The broker's disk"). The directory must exist and have
-    /// room for the input topics plus about a minute of output (deleted topics' files go after
-    /// `file.delete.delay.ms`).
+    /// room for the input topics plus a run or two of output (the embedded broker removes a
+    /// deleted topic's files after 1 s).
     #[arg(long, value_name = "DIR")]
     broker_dir: Option<std::path::PathBuf>,
     /// Use this cluster instead of an embedded broker.
@@ -268,7 +268,16 @@ async fn main() -> anyhow::Result<()> {
     let kafka = match &args.bootstrap_servers {
         Some(_) => Kafka::start_with(KafkaOptions::single()).await?,
         None => {
-            let mut options = KafkaOptions::cluster(1).heap("1g");
+            // A deleted topic's files are removed after `log.segment.delete.delay.ms` (60 s by
+            // default). The harness deletes each run's output as soon as it is measured, and at
+            // 1 KB a minute of outputs is ~12 GB: with the default the broker's directory grew
+            // into memory the VM had handed back to its host, and touching that memory again
+            // made the broker's writes several times slower for the first repeats
+            // (docs/benchmarks-journal.md, "The slow phases, found"). With 1 s the directory
+            // stays at the inputs and a run or two of outputs, and the freed pages are reused.
+            let mut options = KafkaOptions::cluster(1)
+                .heap("1g")
+                .broker_property("log.segment.delete.delay.ms", "1000");
             if let Some(dir) = &args.broker_dir {
                 options = options.data_dir(dir);
             }
