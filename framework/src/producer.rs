@@ -169,13 +169,19 @@ impl TxProducer {
             );
         }
         // librdkafka's default allows 1 GiB and 100,000 unacknowledged records; a transaction
-        // is flushed at every commit anyway, and 4 MiB and 30,000 records kept the measured
-        // throughput (docs/benchmarks.md) while bounding an instance's memory — with small
-        // records the count, not the bytes, is what bounds it; with 1 KiB records 4 MiB took
-        // ~3 MiB off the peak against 8. A full queue makes `send` wait, not fail (a record
+        // is flushed at every commit anyway, so the queue need not be that deep, and bounding it
+        // bounds an instance's memory. With small records the 30,000-record bound is the one
+        // that binds (~3 MiB of 100 B records). With 1 KiB records the bytes bind, and the queue
+        // is the producer's window: an output counts against it until the broker has
+        // acknowledged it and its delivery report is served, and the idempotent producer keeps
+        // one produce request per partition in flight. At 4 MiB the loop found the queue full
+        // for a quarter of each transaction and waited for acknowledgements; 16 MiB ran 10–18 %
+        // faster at 1 KB in every paired repeat of two side-by-side runs once the benchmark's
+        // broker ran steadily, for ~16 MiB more peak RSS (docs/benchmarks-journal.md, "The
+        // producer's queue at 16 MiB"). A full queue makes `send` wait, not fail (a record
         // larger than the whole queue is rejected, see `send`).
         if !tuned("queue.buffering.max.kbytes") {
-            cc.set("queue.buffering.max.kbytes", "4096");
+            cc.set("queue.buffering.max.kbytes", "16384");
         }
         if !tuned("queue.buffering.max.messages") {
             cc.set("queue.buffering.max.messages", "30000");
