@@ -174,12 +174,12 @@ impl TxProducer {
         // that binds (~3 MiB of 100 B records). With 1 KiB records the bytes bind, and the queue
         // is the producer's window: an output counts against it until the broker has
         // acknowledged it and its delivery report is served, and the idempotent producer keeps
-        // one produce request per partition in flight. At 4 MiB the loop found the queue full
-        // for a quarter of each transaction and waited for acknowledgements; 16 MiB ran 10–18 %
-        // faster at 1 KB in every paired repeat of two side-by-side runs once the benchmark's
-        // broker ran steadily, for ~16 MiB more peak RSS (docs/benchmarks-journal.md, "The
-        // producer's queue at 16 MiB"). A full queue makes `send` wait, not fail (a record
-        // larger than the whole queue is rejected, see `send`).
+        // one produce request per partition in flight. At 4 MiB the loop waited on a full queue
+        // for ~26 ms of each 100 ms transaction (docs/benchmarks-journal.md, "The producer's
+        // queue, alone"); 16 MiB ran 10–18 % faster at 1 KB in every paired repeat of two
+        // side-by-side runs once the benchmark's broker ran steadily, for ~16 MiB more peak RSS
+        // (the journal, "The producer's queue at 16 MiB"). A full queue makes `send` wait, not
+        // fail (a record larger than the whole queue is rejected, see `send`).
         if !tuned("queue.buffering.max.kbytes") {
             cc.set("queue.buffering.max.kbytes", "16384");
         }
