@@ -633,8 +633,15 @@ impl Bench<'_> {
             Ok(admin) => admin
                 .delete_topics(&[topic], &AdminOptions::new())
                 .await
-                .map(|_| ()),
-            Err(e) => Err(e),
+                .map_err(|e| e.to_string())
+                // The request can succeed while the topic's own deletion fails: that error is
+                // in the per-topic result.
+                .and_then(|results| {
+                    results
+                        .into_iter()
+                        .try_for_each(|r| r.map(|_| ()).map_err(|(_, code)| code.to_string()))
+                }),
+            Err(e) => Err(e.to_string()),
         };
         if let Err(e) = result {
             eprintln!("deleting {topic}: {e}");
