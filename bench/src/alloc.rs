@@ -5,10 +5,11 @@
 //! (docs/benchmarks-journal.md, "Investigations"), at-least-once's was not measured the same
 //! way, and an application picks its allocator, not the framework. So the harness runs the
 //! at-least-once and `onceflow-100ms` workers a second time, as the modes
-//! `at-least-once-jemalloc` and `onceflow-100ms-jemalloc`, with jemalloc for every Rust allocation of the worker process —
-//! what an application that links `tikv-jemallocator` gets — beside the same workers on the
-//! system allocator, in the same run. librdkafka's own allocations stay with glibc's `malloc`
-//! either way: `tikv-jemallocator` builds jemalloc with prefixed symbols.
+//! `at-least-once-jemalloc` and `onceflow-100ms-jemalloc`, with jemalloc for every Rust
+//! allocation of the worker process — what an application that links `tikv-jemallocator`
+//! gets — beside the same workers on the system allocator, in the same run. librdkafka's own
+//! allocations stay with glibc's `malloc` either way: `tikv-jemallocator` builds jemalloc with
+//! prefixed symbols.
 //!
 //! One binary with both, not two binaries: `cargo run -p onceflow-bench` builds only the binary
 //! it runs, and the harness starts every worker from its own executable. The dispatch costs a

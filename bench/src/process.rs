@@ -169,8 +169,9 @@ pub fn jit_cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
 /// Why the harness reports it: at 1 KB onceflow's worker used more CPU per record than the
 /// at-least-once copy, and the split showed where. onceflow's own threads cost 0.5–0.8 µs per
 /// record more in every repeat; librdkafka's cost the same in fast repeats and up to 2.8 µs
-/// more in slow ones, when its producer thread busy-polls while a partition's next batch waits
-/// behind the one request in flight (docs/benchmarks-journal.md, "Investigations").
+/// more in the slow ones (the broker's directory growing, until its delete delay was cut),
+/// when its producer thread busy-polls while a partition's next batch waits behind the one
+/// request in flight (docs/benchmarks-journal.md, "Investigations").
 pub fn librdkafka_cpu_seconds_of(pid: u32) -> anyhow::Result<Option<f64>> {
     cpu_seconds_of_threads(pid, |name| name.starts_with("rdk:"))
 }
