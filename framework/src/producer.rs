@@ -317,12 +317,18 @@ impl TxProducer {
     }
 
     /// Commits. A retriable failure (including a timeout, whose outcome is unknown) is retried,
-    /// never turned into an abort.
-    pub(crate) fn commit(&self) -> Result<(), Error> {
+    /// never turned into an abort. Returns how long of it was spent waiting for the outputs'
+    /// acknowledgements (see [`Self::wait_acknowledged`]): the rest is `EndTxn`. The two are
+    /// logged apart because they have different causes: the first is the producer's backlog
+    /// at the broker, the second the coordinator.
+    pub(crate) fn commit(&self) -> Result<Duration, Error> {
+        let started = Instant::now();
         self.wait_acknowledged(self.call_timeout);
+        let acknowledged = started.elapsed();
         self.retrying("commit_transaction", |p| {
             p.inner.commit_transaction(p.call_timeout)
-        })
+        })?;
+        Ok(acknowledged)
     }
 
     /// Waits (up to `timeout`) until every record produced so far is acknowledged, so that the

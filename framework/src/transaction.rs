@@ -1801,8 +1801,9 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
         partitions = txn.next.len(),
         "committing transaction"
     );
-    // Both calls block for broker round trips; their durations are logged because, with
-    // nothing processed meanwhile, they bound both throughput and latency.
+    // Both calls block for broker round trips, and the commit first waits until every output
+    // is acknowledged; their durations are logged because, with little processed meanwhile,
+    // they bound both throughput and latency.
     let committing = Instant::now();
     st.last_commit_began = Some(committing);
     if !txn.next.is_empty() {
@@ -1812,7 +1813,7 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
         st.producer.send_offsets(&txn.next, group)?;
     }
     let offsets_sent = committing.elapsed();
-    st.producer.commit()?;
+    let acknowledged = st.producer.commit()?;
     let commit_call = committing.elapsed().saturating_sub(offsets_sent);
 
     let Some(txn) = st.txn.take() else {
@@ -1832,6 +1833,7 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
         partitions = txn.next.len(),
         ?elapsed,
         ?offsets_sent,
+        ?acknowledged,
         ?commit_call,
         "transaction committed"
     );
