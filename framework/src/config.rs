@@ -114,10 +114,23 @@ impl PipelineConfig {
         &self.input_topics
     }
 
-    /// This instance's `transactional.id`: `<prefix>-<instance id>`.
+    /// This instance's first `transactional.id`: `<prefix>-<instance id>`.
     #[must_use]
     pub fn transactional_id(&self) -> String {
         format!("{}-{}", self.transactional_id_prefix, self.instance_id)
+    }
+
+    /// Both of this instance's `transactional.id`s: `<prefix>-<instance id>` and
+    /// `<prefix>-<instance id>:1`. An instance has two transactional producers and begins each
+    /// transaction on the one whose last transaction ended longer ago (see the guide, §2); both
+    /// ids fence a restarted instance's zombie. The `:` cannot occur in a prefix or an instance
+    /// id, so no other instance's first id is this one's second. A prefixed ACL on
+    /// `<prefix>-` covers both.
+    #[must_use]
+    pub fn transactional_ids(&self) -> [String; 2] {
+        let first = self.transactional_id();
+        let second = format!("{first}:1");
+        [first, second]
     }
 
     /// The instance id.
@@ -151,7 +164,7 @@ impl fmt::Debug for PipelineConfig {
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("application_id", &self.application_id)
             .field("input_topics", &self.input_topics)
-            .field("transactional_id", &self.transactional_id())
+            .field("transactional_ids", &self.transactional_ids())
             .field("commit_interval", &self.commit_interval)
             .field(
                 "max_records_per_transaction",
@@ -354,8 +367,9 @@ impl PipelineConfigBuilder {
 
     /// This instance's id, stable across its restarts (a pod ordinal, a host name). Required.
     ///
-    /// The `transactional.id` is `<prefix>-<instance id>`: when an instance restarts, its new
-    /// producer fences the old one, so a half-dead predecessor can never commit again. Two
+    /// The `transactional.id`s are `<prefix>-<instance id>` and `<prefix>-<instance id>:1`
+    /// (see [`PipelineConfig::transactional_ids`]): when an instance restarts, its new
+    /// producers fence the old ones, so a half-dead predecessor can never commit again. Two
     /// *running* instances must never share an id — the older one would be fenced and stop.
     #[must_use]
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
@@ -639,12 +653,27 @@ mod tests {
     }
 
     #[test]
+    fn an_instances_second_transactional_id_is_no_other_instances_first() {
+        // "0:1" would make instance "0:1"'s first id instance "0"'s second: the `:` is refused.
+        for field in ["instance_id", "transactional_id_prefix"] {
+            let builder = if field == "instance_id" {
+                minimal().instance_id("0:1")
+            } else {
+                minimal().transactional_id_prefix("payments:1")
+            };
+            let err = builder.build().unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
+    }
+
+    #[test]
     fn defaults_are_as_documented() {
         let c = minimal().build().unwrap();
         assert_eq!(c.commit_interval, Duration::from_millis(100));
         assert_eq!(c.max_records_per_transaction, 100_000);
         assert_eq!(c.transaction_timeout, Duration::from_secs(10));
         assert_eq!(c.transactional_id(), "payments-0");
+        assert_eq!(c.transactional_ids(), ["payments-0", "payments-0:1"]);
         assert_eq!(c.max_attempts, 5);
         assert_eq!(c.assignment_strategy, AssignmentStrategy::CooperativeSticky);
         assert_eq!(c.decode_failure, DecodeFailure::DeadLetter);

@@ -1,5 +1,5 @@
-//! The producer side: one transactional producer per instance, and the retry policy for each
-//! transactional call.
+//! The producer side: an instance's transactional producers (two, used in turn; see
+//! [`crate::transaction`]), and the retry policy for each transactional call.
 //!
 //! Every call here blocks (librdkafka's transactional API is synchronous, even on
 //! `FutureProducer`), so this module is only used from the pipeline's own threads (the
@@ -134,9 +134,13 @@ impl std::fmt::Debug for TxProducer {
 }
 
 impl TxProducer {
-    /// Creates the producer and registers its transactional id with the coordinator, which
+    /// Creates the producer with `transactional_id` (one of
+    /// [`PipelineConfig::transactional_ids`]) and registers the id with the coordinator, which
     /// fences any older producer with the same id and aborts its open transaction.
-    pub(crate) fn create_and_init(config: &PipelineConfig) -> Result<Self, Error> {
+    pub(crate) fn create_and_init(
+        config: &PipelineConfig,
+        transactional_id: &str,
+    ) -> Result<Self, Error> {
         let mut cc = ClientConfig::new();
         for (k, v) in config
             .kafka_properties
@@ -145,9 +149,8 @@ impl TxProducer {
         {
             cc.set(k, v);
         }
-        let transactional_id = config.transactional_id();
         cc.set("bootstrap.servers", &config.bootstrap_servers)
-            .set("transactional.id", &transactional_id)
+            .set("transactional.id", transactional_id)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set(
@@ -192,7 +195,7 @@ impl TxProducer {
             .map_err(|e| Error::kafka("creating the transactional producer", e))?;
         let producer = Self {
             inner: Arc::new(inner),
-            transactional_id,
+            transactional_id: transactional_id.to_owned(),
             call_timeout: config.transaction_timeout,
         };
         producer.retrying("init_transactions", |p| {
@@ -200,6 +203,10 @@ impl TxProducer {
         })?;
         tracing::info!(transactional_id = %producer.transactional_id, "transactional producer ready");
         Ok(producer)
+    }
+
+    pub(crate) fn transactional_id(&self) -> &str {
+        &self.transactional_id
     }
 
     pub(crate) fn begin(&self) -> Result<(), Error> {
@@ -557,7 +564,10 @@ mod tests {
             .producer_property("retry.backoff.ms", "5000")
             .producer_property("retry.backoff.max.ms", "5000")
             .build()?;
-        Ok(TxProducer::create_and_init(&config)?)
+        Ok(TxProducer::create_and_init(
+            &config,
+            &config.transactional_id(),
+        )?)
     }
 
     fn send_some(producer: &TxProducer) -> Result<(), Box<dyn std::error::Error>> {
@@ -621,7 +631,7 @@ mod tests {
         mock.coordinator(MockCoordinator::Transaction(config.transactional_id()), 1)?;
         mock.coordinator(MockCoordinator::Group(app.to_owned()), 2)?;
 
-        let producer = TxProducer::create_and_init(&config)?;
+        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", mock.bootstrap_servers())
             .set("group.id", app)
@@ -663,7 +673,7 @@ mod tests {
         let config = mock_config(&mock, "record-larger-than-queue", Duration::from_secs(30))
             .producer_property("queue.buffering.max.kbytes", "1")
             .build()?;
-        let producer = TxProducer::create_and_init(&config)?;
+        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
         producer.begin()?;
         producer
             .send(&OutputRecord::to("out").value(vec![1u8; 100]), None, None)

@@ -20,7 +20,7 @@
 //!
 //! # The state, and the three rules that keep it exactly-once
 //!
-//! [`LoopState`] (the producer, the open transaction) sits behind a mutex shared by the loop
+//! [`LoopState`] (the producers, the open transaction) sits behind a mutex shared by the loop
 //! and the rebalance callback; the buffer sits behind a lock of its own, so that polling never
 //! waits for a commit. Lock order: the state's, then the buffer's.
 //!
@@ -55,6 +55,12 @@
 //! 4. On an abortable failure the transaction is aborted, every touched (or buffered)
 //!    partition is rewound to its rewind point — its last committed offset — and the records are
 //!    processed again.
+//!
+//! Transactions alternate between the instance's two transactional producers (one per
+//! transactional id, [`PipelineConfig::transactional_ids`]): after a commit or an abort the next
+//! transaction begins on the other one, whose coordinator has long finished its last
+//! transaction, instead of waiting ~20 ms for the markers of the one just ended (see
+//! [`take_turns`]). Only one transaction is ever open, so nothing above changes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -555,7 +561,11 @@ struct Attempts {
 }
 
 pub(crate) struct LoopState {
+    /// The producer of the open transaction, or of the next one.
     pub(crate) producer: TxProducer,
+    /// The other producer, with no transaction open: its last one ended before `producer`'s
+    /// did. The two swap places after every commit or abort (see [`take_turns`]).
+    idle: TxProducer,
     pub(crate) txn: Option<OpenTxn>,
     pub(crate) intake: Arc<Intake>,
     /// Records are taken out of the buffer and not yet produced into the open transaction (or
@@ -713,9 +723,11 @@ where
     P: Processor,
     C: Codec<P::Input>,
 {
-    // The producer first: init_transactions fences any older producer with our
-    // transactional id (a zombie of this instance) before we read a single record.
-    let producer = TxProducer::create_and_init(&config)?;
+    // The producers first: init_transactions fences any older producer with either of our
+    // transactional ids (a zombie of this instance) before we read a single record.
+    let [first, second] = config.transactional_ids();
+    let producer = TxProducer::create_and_init(&config, &first)?;
+    let idle = TxProducer::create_and_init(&config, &second)?;
     // Topic names are validated (no patterns), so one name means one topic.
     let single_topic = config.input_topics.len() == 1;
     let shared = Arc::new(Shared {
@@ -727,6 +739,7 @@ where
         settled: Condvar::new(),
         state: Mutex::new(LoopState {
             producer,
+            idle,
             txn: None,
             intake: Arc::new(Intake::new(single_topic)),
             in_flight: false,
@@ -758,7 +771,7 @@ where
         .map_err(|e| Error::kafka("subscribing to the input topics", e))?;
     tracing::info!(
         application_id = %shared.config.application_id,
-        transactional_id = %shared.config.transactional_id(),
+        transactional_ids = ?shared.config.transactional_ids(),
         topics = ?shared.config.input_topics,
         "pipeline started"
     );
@@ -1815,6 +1828,7 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
     let offsets_sent = committing.elapsed();
     let acknowledged = st.producer.commit()?;
     let commit_call = committing.elapsed().saturating_sub(offsets_sent);
+    take_turns(st);
 
     let Some(txn) = st.txn.take() else {
         return Ok(());
@@ -1856,6 +1870,25 @@ pub(crate) fn commit_open<Ctx: rdkafka::consumer::ConsumerContext>(
     Ok(())
 }
 
+/// Makes the idle producer the one the next transaction begins on, once the current one's
+/// transaction has ended (committed or aborted).
+///
+/// Why two producers: after `EndTxn` the coordinator still writes the transaction's markers,
+/// and until it is done it refuses the same transactional id's next `AddPartitionsToTxn` with
+/// `CONCURRENT_TRANSACTIONS`. librdkafka (2.12.1) retries that after a fixed 20 ms, so with one
+/// producer the next transaction's first outputs left ~27 ms after each commit (a median, in
+/// 101 of 121 transactions; docs/benchmarks-journal.md), and the next commit waited for the
+/// backlog that built meanwhile. The idle producer's last transaction ended a whole
+/// transaction ago, so its coordinator state is long complete. Each producer's transactions
+/// still run one at a time and in order, and the loop's next transaction begins only after
+/// this one has ended — every output acknowledged, its offsets committed — so no output of
+/// the next transaction can overtake one of this one in a partition, and the group's
+/// committed offsets only move forward.
+fn take_turns(st: &mut LoopState) {
+    let LoopState { producer, idle, .. } = st;
+    std::mem::swap(producer, idle);
+}
+
 /// Aborts the open transaction and schedules the rewind of every partition it touched (and of
 /// every buffered record). Returns the partitions whose records will be processed again.
 pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPartition>, Error> {
@@ -1863,6 +1896,11 @@ pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPa
         return Ok(Vec::new());
     };
     let result = st.producer.abort();
+    if result.is_ok() {
+        // On an error the producer is replaced (see `recover_from`), so it must stay the one
+        // `st.producer` names.
+        take_turns(st);
+    }
     let partitions = rewind(&mut st.intake.buffer(), Some(&txn));
     st.summary.transactions_aborted += 1;
     txn.span.record("records", txn.records);
@@ -2052,7 +2090,10 @@ where
         "the transactional producer can no longer be used; re-initialising it and processing \
          the records since the last commit again"
     );
-    let fresh = TxProducer::create_and_init(&shared.config)?;
+    // The producer that failed is the one of the open (or last) transaction; the idle one
+    // ended its last transaction cleanly and is kept.
+    let failed_id = shared.state().producer.transactional_id().to_owned();
+    let fresh = TxProducer::create_and_init(&shared.config, &failed_id)?;
     let assignment = consumer
         .assignment()
         .map_err(|e| Error::kafka("reading the assignment", e))?;
@@ -2072,7 +2113,13 @@ where
         })
         .collect();
     let mut st = shared.state();
-    let old = std::mem::replace(&mut st.producer, fresh);
+    // Whichever place the failed producer holds now: a rebalance served meanwhile may have
+    // ended a transaction and made the producers change places.
+    let old = if st.idle.transactional_id() == failed_id {
+        std::mem::replace(&mut st.idle, fresh)
+    } else {
+        std::mem::replace(&mut st.producer, fresh)
+    };
     let txn = st.txn.take();
     {
         let intake = Arc::clone(&st.intake);

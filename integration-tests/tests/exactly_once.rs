@@ -556,6 +556,79 @@ async fn a_zombie_with_the_same_transactional_id_is_fenced_and_never_commits_aga
     );
 }
 
+/// Takes `transactional_id` with a producer of its own, as a restarted instance would, and
+/// returns that producer (it holds the id until it is dropped).
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the test takes a transactional id directly, on a blocking thread"
+)]
+fn take_transactional_id(
+    mut client: rdkafka::ClientConfig,
+    transactional_id: &str,
+) -> rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+    use rdkafka::producer::Producer as _;
+    let producer: rdkafka::producer::ThreadedProducer<_> = client
+        .set("transactional.id", transactional_id)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init_transactions");
+    producer
+}
+
+/// An instance runs its transactions on two producers in turn, one per transactional id
+/// (`PipelineConfig::transactional_ids`). Taking either id away from it must stop it as
+/// fenced: a test that fenced only the first would pass with an instance that never used the
+/// second, or that kept committing on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn either_of_an_instances_two_transactional_ids_fences_it() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    for which in 0..2 {
+        let t = setup(kafka, &format!("eos-fence-id{which}"), 3, 3).await;
+        let input = events(6_000, 43);
+        produce_events(kafka, &t.input, &input).await;
+        let config = test_config(kafka, &t.app, "0", &t.input)
+            .build()
+            .expect("config");
+        let id = config.transactional_ids()[which].clone();
+        let old = Running::start(Pipeline::new(
+            config,
+            Enrich::slow(&t.output, "old", Duration::from_millis(2)),
+        ));
+        wait_progress(kafka, &t.app, &t.input, 300, CATCH_UP).await;
+        let holder = {
+            let (client, id) = (kafka.client_config(), id.clone());
+            tokio::task::spawn_blocking(move || take_transactional_id(client, &id))
+                .await
+                .expect("blocking task")
+        };
+        let old_result = tokio::time::timeout(Duration::from_secs(60), old.handle)
+            .await
+            .expect("the fenced instance stops by itself")
+            .expect("task");
+        let err = old_result.expect_err("the instance must stop with an error");
+        assert!(err.is_fenced(), "expected fencing through {id}, got: {err}");
+        println!("{id} taken: the instance stopped with: {err}");
+        drop(holder);
+
+        // Restarted, the instance takes both ids back and finishes the input exactly once.
+        let new = Running::start(Pipeline::new(
+            test_config(kafka, &t.app, "0", &t.input)
+                .build()
+                .expect("config"),
+            Enrich::new(&t.output, "new"),
+        ));
+        wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+        new.stop().await;
+        let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+        verify(&input, &committed, 3).assert_exactly_once();
+    }
+}
+
 async fn instances_join_and_leave_mid_stream(strategy: onceflow::config::AssignmentStrategy) {
     init_tracing();
     let kafka = Kafka::shared().await.expect("broker");
