@@ -507,6 +507,18 @@ async fn input_headers_reach_outputs_and_dead_letters_byte_for_byte_in_order() {
     );
 }
 
+/// Waits (at most a minute) for `instance` to stop by itself, and checks that it stopped as
+/// fenced — by `by`, for the message.
+async fn stopped_fenced(instance: Running, by: &str) -> onceflow::Error {
+    let result = tokio::time::timeout(Duration::from_secs(60), instance.handle)
+        .await
+        .expect("the fenced instance stops by itself")
+        .expect("task");
+    let err = result.expect_err("the fenced instance must stop with an error");
+    assert!(err.is_fenced(), "expected fencing by {by}, got: {err}");
+    err
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_with_the_same_transactional_id_is_fenced_and_never_commits_again() {
     init_tracing();
@@ -532,12 +544,7 @@ async fn a_zombie_with_the_same_transactional_id_is_fenced_and_never_commits_aga
         Enrich::new(&t.output, "new"),
     ));
 
-    let old_result = tokio::time::timeout(Duration::from_secs(60), old.handle)
-        .await
-        .expect("the fenced instance stops by itself")
-        .expect("task");
-    let err = old_result.expect_err("the old instance must stop with an error");
-    assert!(err.is_fenced(), "expected fencing, got: {err}");
+    let err = stopped_fenced(old, "a newer instance with the same id").await;
     println!("old instance stopped: {err}");
 
     wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
@@ -606,12 +613,7 @@ async fn either_of_an_instances_two_transactional_ids_fences_it() {
                 .await
                 .expect("blocking task")
         };
-        let old_result = tokio::time::timeout(Duration::from_secs(60), old.handle)
-            .await
-            .expect("the fenced instance stops by itself")
-            .expect("task");
-        let err = old_result.expect_err("the instance must stop with an error");
-        assert!(err.is_fenced(), "expected fencing through {id}, got: {err}");
+        let err = stopped_fenced(old, &id).await;
         println!("{id} taken: the instance stopped with: {err}");
         drop(holder);
 
