@@ -569,8 +569,9 @@ pub(crate) struct LoopState {
     pub(crate) txn: Option<OpenTxn>,
     pub(crate) intake: Arc<Intake>,
     /// Records are taken out of the buffer and not yet produced into the open transaction (or
-    /// put back, or the step that failed on them recovered from): the transaction must not be
-    /// committed, nor the partitions' hooks run, until the loop is done with them. The
+    /// put back, or the step that failed on them recovered from), or a commit failed and the
+    /// loop has not recovered from it yet: the transaction must not be committed (or aborted
+    /// by anyone but the loop), nor the partitions' hooks run, until the loop is done. The
     /// rebalance callback waits for this to clear (see [`Shared::between_batches`]).
     pub(crate) in_flight: bool,
     /// The rebalance callback waits for `in_flight` to clear.
@@ -1148,6 +1149,16 @@ where
         let mut st = shared.state();
         let committed = commit_open(&mut st, consumer);
         st.taken_ahead.clear();
+        if committed.is_err() {
+            // Until the loop has recovered (`recover` lands it), a rebalance served on the
+            // poller must wait rather than commit or abort the failed transaction itself: the
+            // producer may be dead. The broker-bounce chaos test caught a revocation that, in
+            // the moment between a `send_offsets_to_transaction` given up as hung and the
+            // loop's recovery, aborted on the hung producer; the abort was refused for 30 s
+            // ("conflicting call in progress") and its failure, handed to the loop, stopped
+            // the instance although the producer was being replaced anyway.
+            st.in_flight = true;
+        }
         committed
     };
     let Some(ahead) = ahead else {
