@@ -29,7 +29,8 @@
 //!    the step that failed on them is recovered from), they are *in flight*, and the rebalance
 //!    callback waits ([`Shared::between_batches`]). Otherwise it could commit a transaction
 //!    without records already taken — their offsets skipped — or with part of a failed
-//!    record's outputs.
+//!    record's outputs. A failed commit keeps the loop in flight too, until it has recovered:
+//!    the callback must not commit or abort on a producer that may be dead.
 //! 2. **No record from before a rewind survives it.** An abort empties the buffer and
 //!    schedules each partition's seek back under one hold of the buffer's lock; until the
 //!    poller has applied the seek, records of that partition that arrive were fetched before
