@@ -655,12 +655,13 @@ mod tests {
     #[test]
     fn an_instances_second_transactional_id_is_no_other_instances_first() {
         // "0:1" would make instance "0:1"'s first id instance "0"'s second: the `:` is refused.
-        for field in ["instance_id", "transactional_id_prefix"] {
-            let builder = if field == "instance_id" {
-                minimal().instance_id("0:1")
-            } else {
-                minimal().transactional_id_prefix("payments:1")
-            };
+        for (field, builder) in [
+            ("instance_id", minimal().instance_id("0:1")),
+            (
+                "transactional_id_prefix",
+                minimal().transactional_id_prefix("payments:1"),
+            ),
+        ] {
             let err = builder.build().unwrap_err();
             assert!(err.to_string().contains(field), "{err}");
         }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use onceflow::testkit::{self, Isolation, Kafka, ReadRecord};
 use onceflow::{Pipeline, PipelineConfig, PipelineConfigBuilder, RunSummary};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +84,22 @@ pub fn events(n: u64, users: u64) -> Vec<Event> {
 /// for every acknowledgement.
 pub async fn produce_raw(kafka: &Kafka, topic: &str, records: &[(String, Vec<u8>)]) {
     produce_raw_with(&input_producer(kafka), topic, records).await;
+}
+
+/// A transactional producer with `transactional_id` (acks=all, idempotent, 30 s transaction
+/// timeout), not yet initialised: the tests that take a transactional id directly use it.
+pub fn transactional_producer(
+    kafka: &Kafka,
+    transactional_id: &str,
+) -> ThreadedProducer<DefaultProducerContext> {
+    kafka
+        .client_config()
+        .set("transactional.id", transactional_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("transaction.timeout.ms", "30000")
+        .create()
+        .expect("transactional producer")
 }
 
 /// The idempotent, Java-partitioned producer the tests write input with.

@@ -14,7 +14,8 @@ use onceflow::testkit::{Isolation, Kafka};
 use onceflow::{Output, OutputRecord, Pipeline, ProcessError, Processor, Record};
 use onceflow_integration_tests::{
     Event, Running, aborted_copies, enrich, events, init_tracing, produce_events, produce_raw,
-    read, test_config, unique, verify, wait_caught_up, wait_count, wait_progress,
+    read, test_config, transactional_producer, unique, verify, wait_caught_up, wait_count,
+    wait_progress,
 };
 
 const CATCH_UP: Duration = Duration::from_secs(120);
@@ -570,15 +571,11 @@ async fn a_zombie_with_the_same_transactional_id_is_fenced_and_never_commits_aga
     reason = "the test takes a transactional id directly, on a blocking thread"
 )]
 fn take_transactional_id(
-    mut client: rdkafka::ClientConfig,
+    kafka: &Kafka,
     transactional_id: &str,
 ) -> rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
     use rdkafka::producer::Producer as _;
-    let producer: rdkafka::producer::ThreadedProducer<_> = client
-        .set("transactional.id", transactional_id)
-        .set("enable.idempotence", "true")
-        .create()
-        .expect("producer");
+    let producer = transactional_producer(kafka, transactional_id);
     producer
         .init_transactions(Duration::from_secs(30))
         .expect("init_transactions");
@@ -608,8 +605,8 @@ async fn either_of_an_instances_two_transactional_ids_fences_it() {
         ));
         wait_progress(kafka, &t.app, &t.input, 300, CATCH_UP).await;
         let holder = {
-            let (client, id) = (kafka.client_config(), id.clone());
-            tokio::task::spawn_blocking(move || take_transactional_id(client, &id))
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || take_transactional_id(kafka, &id))
                 .await
                 .expect("blocking task")
         };

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use onceflow::partitioner::partition_for_key;
 use onceflow::testkit::{self, Isolation, Kafka};
-use onceflow_integration_tests::{init_tracing, unique};
+use onceflow_integration_tests::{init_tracing, transactional_producer, unique};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
@@ -22,17 +22,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
 type TxProducer = ThreadedProducer<DefaultProducerContext>;
-
-fn transactional_producer(kafka: &Kafka, transactional_id: &str) -> TxProducer {
-    kafka
-        .client_config()
-        .set("transactional.id", transactional_id)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("transaction.timeout.ms", "30000")
-        .create()
-        .expect("transactional producer")
-}
 
 fn send(producer: &TxProducer, topic: &str, key: &str, value: &str) {
     producer
