@@ -29,8 +29,8 @@
 //!    the step that failed on them is recovered from), they are *in flight*, and the rebalance
 //!    callback waits ([`Shared::between_batches`]). Otherwise it could commit a transaction
 //!    without records already taken — their offsets skipped — or with part of a failed
-//!    record's outputs. A failed commit keeps the loop in flight too, until it has recovered:
-//!    the callback must not commit or abort on a producer that may be dead.
+//!    record's outputs. A failure keeps the loop in flight too, until it has recovered from it
+//!    ([`recovering`]): the callback must not commit or abort on a producer that may be dead.
 //! 2. **No record from before a rewind survives it.** An abort empties the buffer and
 //!    schedules each partition's seek back under one hold of the buffer's lock; until the
 //!    poller has applied the seek, records of that partition that arrive were fetched before
@@ -570,8 +570,8 @@ pub(crate) struct LoopState {
     pub(crate) txn: Option<OpenTxn>,
     pub(crate) intake: Arc<Intake>,
     /// Records are taken out of the buffer and not yet produced into the open transaction (or
-    /// put back, or the step that failed on them recovered from), or a commit failed and the
-    /// loop has not recovered from it yet: the transaction must not be committed (or aborted
+    /// put back, or the step that failed on them recovered from), or the loop has a failure
+    /// to recover from (see [`recovering`]): the transaction must not be committed (or aborted
     /// by anyone but the loop), nor the partitions' hooks run, until the loop is done. The
     /// rebalance callback waits for this to clear (see [`Shared::between_batches`]).
     pub(crate) in_flight: bool,
@@ -698,6 +698,20 @@ impl<P: Processor, C> Shared<P, C> {
         st.callback_waiting = false;
         st
     }
+}
+
+/// Marks the loop in flight from the moment it learns of a failure (a commit that failed, or a
+/// step the poller handed over) until [`recover`] lands it.
+///
+/// Why: meanwhile a rebalance served on the poller must wait rather than commit or abort the
+/// failed transaction itself — the producer may be dead, and only the loop's recovery knows
+/// whether it is being replaced. The broker-bounce chaos test caught a revocation that, in the
+/// moment between a `send_offsets_to_transaction` given up as hung and the loop's recovery,
+/// aborted on the hung producer; the abort was refused for 30 s ("conflicting call in
+/// progress") and its failure, handed to the loop, stopped the instance although the producer
+/// was being replaced anyway.
+fn recovering(st: &mut LoopState) {
+    st.in_flight = true;
 }
 
 /// Marks the loop's records as landed (produced, put back, or recovered from), waking a
@@ -936,7 +950,14 @@ where
         };
         intake.wait_for_records(wait);
 
-        let deferred = shared.state().deferred.take();
+        let deferred = {
+            let mut st = shared.state();
+            let step = st.deferred.take();
+            if step.is_some() {
+                recovering(&mut st);
+            }
+            step
+        };
         if let Some(step) = deferred {
             recover(shared, consumer, step)?;
         }
@@ -1151,14 +1172,7 @@ where
         let committed = commit_open(&mut st, consumer);
         st.taken_ahead.clear();
         if committed.is_err() {
-            // Until the loop has recovered (`recover` lands it), a rebalance served on the
-            // poller must wait rather than commit or abort the failed transaction itself: the
-            // producer may be dead. The broker-bounce chaos test caught a revocation that, in
-            // the moment between a `send_offsets_to_transaction` given up as hung and the
-            // loop's recovery, aborted on the hung producer; the abort was refused for 30 s
-            // ("conflicting call in progress") and its failure, handed to the loop, stopped
-            // the instance although the producer was being replaced anyway.
-            st.in_flight = true;
+            recovering(&mut st);
         }
         committed
     };
