@@ -16,6 +16,7 @@
 //! `docs/benchmarks.md`.
 
 mod alloc;
+mod broker_profile;
 mod kstreams;
 mod latency;
 mod process;
@@ -32,6 +33,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::FutureProducer;
 use rdkafka::producer::FutureRecord;
 
+use crate::broker_profile::BrokerProfiler;
 use crate::kstreams::KStreamsApp;
 use crate::process::Worker;
 use crate::report::ThroughputRow;
@@ -110,6 +112,13 @@ struct Args {
     /// deleted topic's files after 1 s).
     #[arg(long, value_name = "DIR")]
     broker_dir: Option<std::path::PathBuf>,
+    /// Profile the embedded broker during every measured throughput run with async-profiler
+    /// (fetched from Maven Central; needs the JDK's `jcmd`): each run's stacks go to
+    /// `DIR/<size>-<mode>-<repeat>.collapsed`, and the report gains a table of the broker's CPU
+    /// per record by what it was doing — each request type, its network threads, its
+    /// inter-broker requests, GC, JIT (see docs/benchmarks.md, "Run it").
+    #[arg(long, value_name = "DIR")]
+    profile_broker: Option<std::path::PathBuf>,
     /// Use this cluster instead of an embedded broker.
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
     bootstrap_servers: Option<String>,
@@ -265,6 +274,21 @@ async fn main() -> anyhow::Result<()> {
     if args.bootstrap_servers.is_some() && args.broker_dir.is_some() {
         bail!("--broker-dir is for the embedded broker; it cannot apply to --bootstrap-servers");
     }
+    if args.bootstrap_servers.is_some() && args.profile_broker.is_some() {
+        bail!(
+            "--profile-broker attaches to the embedded broker; it cannot profile --bootstrap-servers"
+        );
+    }
+    // Before the broker starts: a missing JDK tool or an unreachable Maven Central is an
+    // error in seconds, not after the warm-up.
+    let profiler = match &args.profile_broker {
+        Some(dir) => {
+            let dir = dir.clone();
+            let java = KafkaOptions::single().java;
+            Some(tokio::task::spawn_blocking(move || BrokerProfiler::prepare(&dir, &java)).await??)
+        }
+        None => None,
+    };
     let kafka = match &args.bootstrap_servers {
         Some(_) => Kafka::start_with(KafkaOptions::single()).await?,
         None => {
@@ -296,6 +320,7 @@ async fn main() -> anyhow::Result<()> {
         kafka: &kafka,
         kstreams: kstreams.as_ref(),
         baseline: args.baseline.as_deref(),
+        profiler: profiler.as_ref(),
         run: std::process::id(),
     };
 
@@ -405,6 +430,8 @@ struct Bench<'a> {
     kstreams: Option<&'a KStreamsApp>,
     /// The other build `--baseline` names.
     baseline: Option<&'a std::path::Path>,
+    /// `--profile-broker`'s profiler.
+    profiler: Option<&'a BrokerProfiler>,
     run: u32,
 }
 
@@ -467,6 +494,17 @@ impl Bench<'_> {
         Ok(Some(cpu))
     }
 
+    /// The embedded broker's JVM (`--profile-broker` runs one node).
+    fn broker_pid(&self) -> anyhow::Result<u32> {
+        match self.kafka.process_ids()?.as_slice() {
+            [pid] => Ok(*pid),
+            pids => bail!(
+                "--profile-broker expects one broker process, found {}",
+                pids.len()
+            ),
+        }
+    }
+
     /// One throughput run of `mode` over the pre-loaded `input`.
     async fn throughput(
         &self,
@@ -483,6 +521,17 @@ impl Bench<'_> {
         let output = format!("bench-out-{mode}-{size}-{name}-{}", self.run);
         let group = format!("bench-{mode}-{size}-{name}-{}", self.run);
         self.kafka.create_topic(&output, PARTITIONS, 1).await?;
+        // Measured runs only; started before the worker, so `jcmd`'s own JVM has come and gone
+        // before the clock starts (see `broker_profile`).
+        let profiling = match (self.profiler, run) {
+            (Some(profiler), Run::Measured(repeat)) => {
+                let pid = self.broker_pid()?;
+                // `jcmd` blocks for half a second: off the runtime's worker thread.
+                tokio::task::block_in_place(|| profiler.start(pid))?;
+                Some((profiler, pid, profiler.file(size, mode, repeat)))
+            }
+            _ => None,
+        };
         let spawned = Instant::now();
         let mut worker = self.spawn(mode, input, &output, &group)?;
         let ready = worker.wait_ready(Duration::from_secs(120)).await?;
@@ -535,6 +584,13 @@ impl Bench<'_> {
             .broker_cpu_seconds()?
             .zip(broker_cpu_at_ready)
             .map(|(end, start)| end.since(start));
+        let broker_profile = match profiling {
+            Some((profiler, pid, file)) => Some(tokio::task::block_in_place(|| {
+                profiler.stop(pid, &file)?;
+                broker_profile::read(&file)
+            })?),
+            None => None,
+        };
         let usage = worker.kill()?;
         self.delete_topic(&output).await;
         let seconds = finished.duration_since(ready).as_secs_f64();
@@ -554,6 +610,7 @@ impl Bench<'_> {
             broker_jit_cpu_seconds: broker_cpu.map(|b| b.jit),
             broker_system_cpu_seconds: broker_cpu.map(|b| b.system),
             peak_rss_mib: usage.peak_rss_mib,
+            broker_profile,
         };
         println!(
             "{:<16} {:>5} B  #{repeat}  {:>9.0} records/s  {:>6.1} s (+{:.1} s start)  cpu {:>6.1} s ({:.1} s system, {:.1} s librdkafka)  broker cpu {:>6.1} s (+{:.1} s JIT; {:.1} s system)  rss {:>7.1} MiB",

@@ -1,5 +1,6 @@
 //! Results: the JSON document and the markdown tables with ratios.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,11 @@ pub struct ThroughputRow {
     pub broker_system_cpu_seconds: Option<f64>,
     /// Peak resident set size of the worker process.
     pub peak_rss_mib: f64,
+    /// With `--profile-broker`: the broker's CPU samples (one per millisecond of a thread's
+    /// CPU) by what it was doing, from before the worker started until the last output was
+    /// visible (see [`crate::broker_profile`]). `None` in runs without it.
+    #[serde(default)]
+    pub broker_profile: Option<BTreeMap<String, u64>>,
 }
 
 /// Everything one run of the harness measured.
@@ -200,6 +206,68 @@ fn one() -> usize {
     1
 }
 
+/// With `--profile-broker`: the broker's CPU by activity, µs per record, one column per
+/// profiled mode (its samples over all its measured repeats, over their records).
+fn broker_profile_table(rows: &[ThroughputRow], modes: &[&str], size: usize) -> Option<String> {
+    let mut columns: Vec<(&str, BTreeMap<&str, f64>)> = Vec::new();
+    for mode in modes {
+        let profiled: Vec<&ThroughputRow> = runs(rows, mode, size)
+            .filter(|r| r.broker_profile.is_some())
+            .collect();
+        let records: u64 = profiled.iter().map(|r| r.records).sum();
+        if records == 0 {
+            continue;
+        }
+        let mut per_record = BTreeMap::new();
+        for (activity, samples) in profiled
+            .iter()
+            .filter_map(|r| r.broker_profile.as_ref())
+            .flatten()
+        {
+            *per_record.entry(activity.as_str()).or_insert(0.0) +=
+                *samples as f64 * crate::broker_profile::INTERVAL_MS * 1e3 / records as f64;
+        }
+        columns.push((mode, per_record));
+    }
+    if columns.is_empty() {
+        return None;
+    }
+    let mut activities: Vec<&str> = columns
+        .iter()
+        .flat_map(|(_, c)| c.keys().copied())
+        .collect();
+    activities.sort_unstable();
+    activities.dedup();
+    let most = |a: &str| {
+        columns
+            .iter()
+            .filter_map(|(_, c)| c.get(a).copied())
+            .fold(0.0, f64::max)
+    };
+    activities.sort_by(|a, b| most(b).total_cmp(&most(a)).then(a.cmp(b)));
+    let mut out = format!(
+        "#### {size} B values: the broker's CPU by activity, µs per record (`--profile-broker`; \
+         from before each worker started until its last output was visible, JIT included)\n\n"
+    );
+    let names: Vec<&str> = columns.iter().map(|(m, _)| *m).collect();
+    let _ = writeln!(out, "| activity | {} |", names.join(" | "));
+    let _ = writeln!(out, "|---|{}", "---:|".repeat(columns.len()));
+    let cell = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.2}"));
+    for a in &activities {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|(_, c)| cell(c.get(a).copied()))
+            .collect();
+        let _ = writeln!(out, "| {a} | {} |", cells.join(" | "));
+    }
+    let totals: Vec<String> = columns
+        .iter()
+        .map(|(_, c)| cell(Some(c.values().sum())))
+        .collect();
+    let _ = writeln!(out, "| **all** | {} |", totals.join(" | "));
+    Some(out)
+}
+
 /// The markdown tables: per value size, throughput (medians, ratios) and latency.
 pub fn markdown(res: &Results) -> String {
     let mut out = String::new();
@@ -288,6 +356,9 @@ pub fn markdown(res: &Results) -> String {
         if let Some(line) = allocator_ratios(&res.throughput, &modes, size) {
             let _ = writeln!(out, "\n{line}");
         }
+        if let Some(table) = broker_profile_table(&res.throughput, &modes, size) {
+            let _ = write!(out, "\n{table}");
+        }
         let lat: Vec<&LatencyRow> = res
             .latency
             .iter()
@@ -346,6 +417,7 @@ mod tests {
             broker_jit_cpu_seconds: Some(0.1),
             broker_system_cpu_seconds: Some(0.2),
             peak_rss_mib: rss,
+            broker_profile: None,
         }
     }
 
@@ -378,6 +450,35 @@ mod tests {
              jemalloc ÷ on the system allocator: at-least-once 1.00, onceflow-100ms 1.20."
         );
         assert_eq!(allocator_ratios(&rows, &modes[..2], 100), None);
+    }
+
+    #[test]
+    fn broker_profiles_are_summed_over_repeats_per_record_and_missing_cells_are_dashes() {
+        let profiled = |mode: &str, repeat: usize, samples: &[(&str, u64)]| ThroughputRow {
+            broker_profile: Some(samples.iter().map(|(a, n)| ((*a).to_owned(), *n)).collect()),
+            ..row(mode, repeat, 100.0, 10.0)
+        };
+        let rows = vec![
+            // The warm-up round's profile (none is taken; were it there) is not counted.
+            profiled(REFERENCE, 0, &[("Produce", 1_000_000)]),
+            profiled(REFERENCE, 1, &[("Produce", 100), ("Fetch", 50)]),
+            profiled(REFERENCE, 2, &[("Produce", 100), ("Fetch", 50)]),
+            profiled("at-least-once", 1, &[("Produce", 80)]),
+            row("ceiling", 1, 100.0, 10.0),
+        ];
+        let table = broker_profile_table(&rows, &["ceiling", "at-least-once", REFERENCE], 100)
+            .expect("profiled rows");
+        // 200 samples of 1 ms over 2 × 1,000 records: 100 µs a record.
+        assert!(
+            table.contains("| activity | at-least-once | onceflow-100ms |"),
+            "{table}"
+        );
+        assert!(table.contains("| Produce | 80.00 | 100.00 |"), "{table}");
+        assert!(table.contains("| Fetch | – | 50.00 |"), "{table}");
+        assert!(table.contains("| **all** | 80.00 | 150.00 |"), "{table}");
+        // The rows with the most first.
+        assert!(table.find("| Produce").unwrap() < table.find("| Fetch").unwrap());
+        assert_eq!(broker_profile_table(&rows[4..], &["ceiling"], 100), None);
     }
 
     #[test]
