@@ -77,7 +77,13 @@ impl BrokerProfiler {
         let library = unpacked.join(platform).join("libasyncProfiler.so");
         if !library.is_file() {
             println!("fetching async-profiler {ASYNC_PROFILER_VERSION} from Maven Central ...");
+            std::fs::create_dir_all(&unpacked)
+                .with_context(|| format!("creating {}", unpacked.display()))?;
+            // Run in the cache directory: outside a project the plugin writes its markers
+            // under a literal `${project.basedir}/` in the working directory, which must not
+            // be the user's checkout.
             let out = Command::new("mvn")
+                .current_dir(&unpacked)
                 .args(["-q", "-B", &format!("{DEPENDENCY_PLUGIN}:unpack")])
                 .arg(format!(
                     "-Dartifact=tools.profiler:async-profiler:{ASYNC_PROFILER_VERSION}:jar"
