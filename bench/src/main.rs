@@ -526,7 +526,8 @@ impl Bench<'_> {
         let profiling = match (self.profiler, run) {
             (Some(profiler), Run::Measured(repeat)) => {
                 let pid = self.broker_pid()?;
-                // `jcmd` blocks for half a second: off the runtime's worker thread.
+                // `jcmd` blocks for half a second; the runtime moves this thread's other tasks
+                // elsewhere meanwhile.
                 tokio::task::block_in_place(|| profiler.start(pid))?;
                 Some((profiler, pid, profiler.file(size, mode, repeat)))
             }
