@@ -34,9 +34,6 @@ pub const ASYNC_PROFILER_VERSION: &str = "4.1";
 /// Sampling interval: one sample per millisecond of a thread's CPU time.
 pub const INTERVAL_MS: f64 = 1.0;
 
-/// The maven-dependency-plugin that unpacks the profiler, pinned as the testkit pins it.
-const DEPENDENCY_PLUGIN: &str = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1";
-
 /// A ready profiler: the agent library and the `jcmd` that loads it into the broker.
 #[derive(Debug)]
 pub struct BrokerProfiler {
@@ -85,7 +82,11 @@ impl BrokerProfiler {
             // be the user's checkout.
             let out = Command::new("mvn")
                 .current_dir(&unpacked)
-                .args(["-q", "-B", &format!("{DEPENDENCY_PLUGIN}:unpack")])
+                .args(["-q", "-B"])
+                .arg(format!(
+                    "org.apache.maven.plugins:maven-dependency-plugin:{}:unpack",
+                    onceflow::testkit::MAVEN_DEPENDENCY_PLUGIN
+                ))
                 .arg(format!(
                     "-Dartifact=tools.profiler:async-profiler:{ASYNC_PROFILER_VERSION}:jar"
                 ))

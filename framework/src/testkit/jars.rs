@@ -27,8 +27,10 @@ pub const FALLBACK_KAFKA_VERSION: &str = "3.9.1";
 /// Environment variable that overrides the cache directory.
 pub const CACHE_DIR_ENV: &str = "ONCEFLOW_KAFKA_CACHE";
 
-/// Pinned so that an old Maven's default (2.8 on Maven 3.8) does not decide how jars are copied.
-const DEPENDENCY_PLUGIN: &str = "3.8.1";
+/// The `maven-dependency-plugin` version every Maven fetch of the project runs (the broker's
+/// jars here, the benchmark's profiler agent too). Pinned so that an old Maven's default (2.8
+/// on Maven 3.8) does not decide how jars are copied.
+pub const MAVEN_DEPENDENCY_PLUGIN: &str = "3.8.1";
 
 /// The broker's jars for one version, ready to be a classpath.
 #[derive(Debug, Clone)]
@@ -155,7 +157,7 @@ fn ensure_version(root: &Path, version: &str) -> Result<BrokerJars, MavenOutcome
         .arg("-f")
         .arg(&pom)
         .arg(format!(
-            "org.apache.maven.plugins:maven-dependency-plugin:{DEPENDENCY_PLUGIN}:copy-dependencies"
+            "org.apache.maven.plugins:maven-dependency-plugin:{MAVEN_DEPENDENCY_PLUGIN}:copy-dependencies"
         ))
         .arg(format!("-DoutputDirectory={}", partial.display()))
         .arg("-DincludeScope=runtime")

@@ -53,7 +53,9 @@ use rdkafka::types::RDKafkaErrorCode;
 
 pub use embedded::spawn_tied_to_this_process;
 pub use error::{Result, TestkitError};
-pub use jars::{CACHE_DIR_ENV, FALLBACK_KAFKA_VERSION, KAFKA_VERSION, cache_dir};
+pub use jars::{
+    CACHE_DIR_ENV, FALLBACK_KAFKA_VERSION, KAFKA_VERSION, MAVEN_DEPENDENCY_PLUGIN, cache_dir,
+};
 pub use readback::{
     Isolation, ReadRecord, committed_offsets_blocking, end_offsets_blocking,
     last_committed_offsets_blocking, read_all, read_all_blocking,
