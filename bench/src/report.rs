@@ -232,12 +232,13 @@ fn broker_profile_table(rows: &[ThroughputRow], modes: &[&str], size: usize) -> 
     if columns.is_empty() {
         return None;
     }
+    // Each activity once.
     let mut activities: Vec<&str> = columns
         .iter()
         .flat_map(|(_, c)| c.keys().copied())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
         .collect();
-    activities.sort_unstable();
-    activities.dedup();
     let most = |a: &str| {
         columns
             .iter()
