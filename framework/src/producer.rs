@@ -16,9 +16,9 @@
 )]
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -123,6 +123,10 @@ pub(crate) struct TxProducer {
     inner: Arc<ThreadedProducer<DeliveryContext>>,
     transactional_id: String,
     call_timeout: Duration,
+    /// When the first transaction begun since this producer's last commit began (`None` right
+    /// after a commit, and for a new producer): since then the coordinator may hold a
+    /// transaction of this producer open. See [`TxProducer::uncommitted_since`].
+    uncommitted_since: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for TxProducer {
@@ -197,6 +201,7 @@ impl TxProducer {
             inner: Arc::new(inner),
             transactional_id: transactional_id.to_owned(),
             call_timeout: config.transaction_timeout,
+            uncommitted_since: Mutex::new(None),
         };
         producer.retrying("init_transactions", |p| {
             p.inner.init_transactions(p.call_timeout)
@@ -216,7 +221,39 @@ impl TxProducer {
             .store(0, Ordering::Relaxed);
         self.inner
             .begin_transaction()
-            .map_err(|e| self.error("begin_transaction", e))
+            .map_err(|e| self.error("begin_transaction", e))?;
+        self.uncommitted().get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// When the earliest transaction begun on this producer since its last successful commit
+    /// began; `None` if none has begun since.
+    ///
+    /// Why an abort does not reset it: librdkafka (2.12.1) can leave a transaction open at the
+    /// coordinator after `abort_transaction` succeeded. When the answer to a transaction's only
+    /// `AddPartitionsToTxn` arrives after the abort has begun, librdkafka ignores it as
+    /// outdated and counts the registration as never made, so the abort sends no `EndTxn` —
+    /// but the coordinator did register the partitions (`debug=eos` shows "Ignoring outdated
+    /// AddPartitionsToTxn response" followed by "No partitions registered: not sending
+    /// EndTxn"). No record of that transaction was sent (librdkafka sends a partition's records
+    /// only once its registration is answered), so nothing of it can be committed; but unless a
+    /// later transaction of the same producer ends at the coordinator first, the coordinator
+    /// times it out after `transaction.timeout.ms`, aborts it and bumps the producer's epoch,
+    /// and the producer's next call fails as fenced — on a transaction that may be a few
+    /// milliseconds old. A commit ends whatever the coordinator holds (its `EndTxn` commits the
+    /// producer's one open transaction there, which then also holds the offsets), so only a
+    /// commit resets this. The loop uses it to tell that broker-side timeout from fencing by
+    /// another instance ([`crate::transaction`]'s `producer_can_be_replaced`).
+    pub(crate) fn uncommitted_since(&self) -> Option<Instant> {
+        *self.uncommitted()
+    }
+
+    fn uncommitted(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // A poisoned lock only means a panic elsewhere while it was held; the value is a plain
+        // timestamp, still valid.
+        self.uncommitted_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Enqueues one record. Waits (on this blocking thread) while librdkafka's queue is full.
@@ -335,6 +372,7 @@ impl TxProducer {
         self.retrying("commit_transaction", |p| {
             p.inner.commit_transaction(p.call_timeout)
         })?;
+        *self.uncommitted() = None;
         Ok(acknowledged)
     }
 
@@ -598,6 +636,42 @@ mod tests {
             matches!(result, Err(Error::UnsafeAfterAbort { records: 10 })),
             "{result:?}"
         );
+        Ok(())
+    }
+
+    /// What tells a broker-side transaction timeout from fencing: the time since the first
+    /// transaction begun after the producer's last commit. Aborts do not reset it (librdkafka
+    /// can leave an aborted transaction open at the coordinator, see `uncommitted_since`); a
+    /// commit does.
+    #[test]
+    fn only_a_commit_resets_the_time_a_producer_has_gone_uncommitted()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(1)?;
+        let producer = producer_with_slow_retries(&mock, "uncommitted-since")?;
+        assert_eq!(producer.uncommitted_since(), None, "a new producer");
+
+        producer.begin()?;
+        let first = producer.uncommitted_since().ok_or("no time after begin")?;
+        send_some(&producer)?;
+        producer.abort()?;
+        assert_eq!(producer.uncommitted_since(), Some(first), "after an abort");
+
+        producer.begin()?;
+        assert_eq!(
+            producer.uncommitted_since(),
+            Some(first),
+            "a later transaction keeps the first one's time"
+        );
+        send_some(&producer)?;
+        producer.commit()?;
+        assert_eq!(producer.uncommitted_since(), None, "after a commit");
+
+        producer.begin()?;
+        assert!(
+            producer.uncommitted_since().is_some_and(|t| t > first),
+            "the next transaction starts the clock again"
+        );
+        producer.abort()?;
         Ok(())
     }
 

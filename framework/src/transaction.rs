@@ -589,9 +589,6 @@ pub(crate) struct LoopState {
     pub(crate) summary: RunSummary,
     next_seq: u64,
     producer_recoveries_in_row: u32,
-    /// When the most recent transaction began (kept after it ends, for telling a broker-side
-    /// timeout from fencing).
-    txn_started: Option<Instant>,
     /// When the most recent commit began: the next transaction is due one commit interval
     /// after it.
     last_commit_began: Option<Instant>,
@@ -631,12 +628,6 @@ impl LoopState {
             Some(avg) => (avg * 7 + sample * 3) / 10,
             None => sample,
         });
-    }
-}
-
-impl LoopState {
-    fn last_txn_started(&self) -> Option<Instant> {
-        self.txn_started
     }
 }
 
@@ -767,7 +758,6 @@ where
             summary: RunSummary::default(),
             next_seq: 0,
             producer_recoveries_in_row: 0,
-            txn_started: None,
             last_commit_began: None,
             per_record: None,
             last_batch: Duration::ZERO,
@@ -1712,7 +1702,6 @@ fn begin_txn(st: &mut LoopState, due: Instant) -> Result<(), Step> {
     st.producer.begin().map_err(Step::from)?;
     let seq = st.next_seq;
     st.next_seq += 1;
-    st.txn_started = Some(Instant::now());
     st.txn = Some(OpenTxn {
         seq,
         started: Instant::now(),
@@ -2039,9 +2028,12 @@ where
 
 /// True when the producer is dead for a reason a new producer cures.
 ///
-/// * Fenced while the open transaction is older than `transaction.timeout.ms`: the broker
-///   aborted it and bumped the epoch, and librdkafka reports that exactly like fencing by a
-///   newer instance. A transaction younger than that was fenced by a real newer instance: stop.
+/// * Fenced when the failed producer has gone longer than `transaction.timeout.ms` without a
+///   commit since a transaction began on it ([`TxProducer::uncommitted_since`]): the
+///   coordinator may have timed out a transaction of it — the open one, or one librdkafka left
+///   open there after an abort — aborted it and bumped the epoch, and librdkafka reports that
+///   exactly like fencing by a newer instance. A producer that committed within the timeout
+///   was fenced by a real newer instance: stop.
 /// * Any other fatal producer error (e.g. `INVALID_TXN_STATE` from an abort after messages
 ///   timed out during a broker failover): this instance still owns its partitions — the
 ///   consumer group says so — so it takes a new producer epoch.
@@ -2051,11 +2043,12 @@ where
 ///   itself succeeded, but only a new epoch makes the producer's sequence numbers safe again.
 fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) -> bool {
     match e {
-        Error::Fenced { .. } => st
-            .txn
-            .as_ref()
-            .map(|t| t.started)
-            .or(st.last_txn_started())
+        Error::Fenced {
+            transactional_id, ..
+        } => [&st.producer, &st.idle]
+            .into_iter()
+            .find(|p| p.transactional_id() == transactional_id)
+            .and_then(TxProducer::uncommitted_since)
             .is_some_and(|t| t.elapsed() >= txn_timeout),
         Error::Kafka {
             source: rdkafka::error::KafkaError::Transaction(t),
@@ -2170,7 +2163,6 @@ where
     st.summary.transactions_aborted += u64::from(txn.is_some());
     st.summary.producer_recoveries += 1;
     st.producer_recoveries_in_row += 1;
-    st.txn_started = None;
     drop(st);
     drop(old);
     Ok(())
