@@ -240,10 +240,11 @@ impl TxProducer {
     /// later transaction of the same producer ends at the coordinator first, the coordinator
     /// times it out after `transaction.timeout.ms`, aborts it and bumps the producer's epoch,
     /// and the producer's next call fails as fenced — on a transaction that may be a few
-    /// milliseconds old. A commit ends whatever the coordinator holds (its `EndTxn` commits the
-    /// producer's one open transaction there, which then also holds the offsets), so only a
-    /// commit resets this. The loop uses it to tell that broker-side timeout from fencing by
-    /// another instance ([`crate::transaction`]'s `producer_can_be_replaced`).
+    /// milliseconds old. A commit always reaches the coordinator (the offsets it sends register
+    /// the transaction there), and its `EndTxn` ends the one transaction the coordinator holds
+    /// for the producer, a dangling registration included; so only a commit resets this. The
+    /// loop uses it to tell that broker-side timeout from fencing by another instance
+    /// ([`crate::transaction`]'s `producer_can_be_replaced`).
     pub(crate) fn uncommitted_since(&self) -> Option<Instant> {
         *self.uncommitted()
     }
