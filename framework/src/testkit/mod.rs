@@ -11,14 +11,7 @@
 //!   Maven the first time, Java only after that.
 //! * **External**: when `KAFKA_BOOTSTRAP_SERVERS` is set, [`Kafka::start`] and
 //!   [`Kafka::shared`] use that cluster instead and start nothing.
-#![cfg_attr(
-    feature = "testcontainers",
-    doc = "* **Docker** (feature `testcontainers`): [`Kafka::docker`] runs the `apache/kafka` image."
-)]
-#![cfg_attr(
-    not(feature = "testcontainers"),
-    doc = "* **Docker** (feature `testcontainers`, not enabled in this build): `Kafka::docker` runs the `apache/kafka` image."
-)]
+//! * **Docker** (feature `testcontainers`): `Kafka::docker` runs the `apache/kafka` image.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), onceflow::testkit::TestkitError> {
