@@ -20,7 +20,8 @@
 //! the measured window: `jcmd` is itself a short-lived JVM, and its ~0.5 s of CPU would
 //! otherwise compete with the run. So a profile also holds the worker's start-up (its group
 //! join) and the broker's JIT, which the broker column leaves out. Its JIT row left out, a
-//! profile's total has run 4–15 % under the broker column (docs/benchmarks.md, "Run it").
+//! profile's total has run from 15 % under the broker column to 2 % over it, mostly 3–15 %
+//! under (docs/benchmarks.md, "Run it").
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
