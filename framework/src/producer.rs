@@ -361,6 +361,42 @@ impl TxProducer {
         })
     }
 
+    /// Whether this producer still holds its transactional id, asked of the coordinator without
+    /// writing anything: `Ok(false)` when it is fenced, `Ok(true)` when it is not, an error when
+    /// the coordinator could not be asked. `offsets` must not be empty.
+    ///
+    /// How: a transaction that registers only `offsets` with `group` — `AddOffsetsToTxn`, which
+    /// the coordinator refuses to an older producer epoch — and is then aborted, so the offsets
+    /// are discarded whatever they are. It leaves nothing open at the coordinator: the abort
+    /// begins after the registration was answered, so its `EndTxn` goes out (the dangling case
+    /// of [`Self::uncommitted_since`] needs an answer that arrives after the abort began).
+    /// That is also why it bypasses [`Self::begin`]: nothing of it can time out later.
+    pub(crate) fn holds_its_id(
+        &self,
+        offsets: &BTreeMap<(String, i32), i64>,
+        group: ConsumerGroupMetadata,
+    ) -> Result<bool, Error> {
+        self.inner
+            .begin_transaction()
+            .map_err(|e| self.error("begin_transaction", e))?;
+        let asked = self.send_offsets(offsets, group);
+        match asked {
+            Ok(()) => {
+                self.retrying("abort_transaction", |p| {
+                    p.inner.abort_transaction(p.call_timeout)
+                })?;
+                Ok(true)
+            }
+            Err(e) if e.is_fenced() => Ok(false),
+            Err(e) => {
+                // Whatever it was, the producer is left with no transaction open if it can be;
+                // if it cannot, its next use fails and is recovered from as usual.
+                let _ = self.inner.abort_transaction(self.call_timeout);
+                Err(e)
+            }
+        }
+    }
+
     /// Commits. A retriable failure (including a timeout, whose outcome is unknown) is retried,
     /// never turned into an abort. Returns how long of it was spent waiting for the outputs'
     /// acknowledgements (see [`Self::wait_acknowledged`]): the rest is `EndTxn`. The two are
@@ -673,6 +709,47 @@ mod tests {
             "the next transaction starts the clock again"
         );
         producer.abort()?;
+        Ok(())
+    }
+
+    /// The question the loop asks of its other producer before it takes a fence for the
+    /// broker's timeout leaves nothing behind: no transaction open, no time gone uncommitted.
+    /// Only that here — the mock cluster does not check producer epochs on `AddOffsetsToTxn`,
+    /// so the answer for a fenced producer is proven against the real broker, by
+    /// `a_zombie_paused_past_the_transaction_timeout_stops_and_the_newer_instance_runs_on` in
+    /// `integration-tests/tests/exactly_once.rs`.
+    #[test]
+    fn asking_whether_a_producer_holds_its_id_leaves_no_transaction_behind()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(1)?;
+        let app = "holds-its-id";
+        let config = mock_config(&mock, app, Duration::from_secs(30)).build()?;
+        mock.create_topic("in", 1, 1)?;
+        mock.create_topic("out", 1, 1)?;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", app)
+            .create()?;
+        let offsets = BTreeMap::from([(("in".to_owned(), 0), 42)]);
+        let group = || consumer.group_metadata().ok_or("no group metadata");
+
+        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
+        assert!(
+            producer.holds_its_id(&offsets, group()?)?,
+            "alone with its id"
+        );
+        assert_eq!(
+            producer.uncommitted_since(),
+            None,
+            "the question is no transaction"
+        );
+        assert!(producer.holds_its_id(&offsets, group()?)?, "asked again");
+        // A transaction can follow at once, and commit.
+        producer.begin()?;
+        send_some(&producer)?;
+        producer.send_offsets(&offsets, group()?)?;
+        producer.commit()?;
+        assert_eq!(producer.uncommitted_since(), None, "after the commit");
         Ok(())
     }
 

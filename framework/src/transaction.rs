@@ -2010,6 +2010,7 @@ where
                 let st = shared.state();
                 st.producer_recoveries_in_row < MAX_PRODUCER_RECOVERIES
                     && producer_can_be_replaced(&e, &st, shared.config.transaction_timeout)
+                    && !taken_over(&e, &st, consumer, shared.config.transaction_timeout)
             };
             if !recoverable {
                 let mut st = shared.state();
@@ -2032,8 +2033,9 @@ where
 ///   commit since a transaction began on it ([`TxProducer::uncommitted_since`]): the
 ///   coordinator may have timed out a transaction of it — the open one, or one librdkafka left
 ///   open there after an abort — aborted it and bumped the epoch, and librdkafka reports that
-///   exactly like fencing by a newer instance. A producer that committed within the timeout
-///   was fenced by a real newer instance: stop.
+///   exactly like fencing by a newer instance — unless the instance's other producer is
+///   fenced too ([`taken_over`], asked by the caller). A producer that committed within the
+///   timeout was fenced by a real newer instance: stop.
 /// * Any other fatal producer error (e.g. `INVALID_TXN_STATE` from an abort after messages
 ///   timed out during a broker failover): this instance still owns its partitions — the
 ///   consumer group says so — so it takes a new producer epoch.
@@ -2058,6 +2060,90 @@ fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) ->
         // its sequence numbers may collide with records in the log (see `UnsafeAfterAbort`).
         Error::ProducerHung { .. } | Error::UnsafeAfterAbort { .. } => true,
         _ => false,
+    }
+}
+
+/// True when a fence that [`producer_can_be_replaced`] took for the broker's timeout came from
+/// a newer instance with this instance's id after all: the instance's other producer, asked
+/// with [`TxProducer::holds_its_id`], is fenced too.
+///
+/// Why ask: telling the two apart by time alone fails a zombie. An instance paused in a
+/// transaction for longer than the timeout (a frozen process, a network partition) and taken
+/// over meanwhile by a restarted instance with its id would re-initialise its producer — and
+/// fence the newer instance, which would stop. A newer instance registers both of the
+/// instance's ids before it reads a record (see [`crate::config::PipelineConfig::transactional_ids`]);
+/// the broker's timeout ends one producer's transaction, and fences that producer only.
+///
+/// Not asked — the time decides — when the other producer has itself gone uncommitted longer
+/// than the timeout (its fence would be as ambiguous), or when there is nothing to ask with
+/// (no consumer group metadata, no partition with a position yet). When the coordinator cannot
+/// be asked, the time decides too, as it did before the question existed.
+fn taken_over<Ctx: rdkafka::consumer::ConsumerContext>(
+    e: &Error,
+    st: &LoopState,
+    consumer: &BaseConsumer<Ctx>,
+    txn_timeout: Duration,
+) -> bool {
+    let Error::Fenced {
+        transactional_id, ..
+    } = e
+    else {
+        return false;
+    };
+    let Some(other) = [&st.producer, &st.idle]
+        .into_iter()
+        .find(|p| p.transactional_id() != transactional_id)
+    else {
+        return false;
+    };
+    if other
+        .uncommitted_since()
+        .is_some_and(|t| t.elapsed() >= txn_timeout)
+    {
+        return false;
+    }
+    let Some(group) = consumer.group_metadata() else {
+        return false;
+    };
+    // Any valid offsets do: the question's transaction is aborted, and its offsets with it.
+    let offsets: BTreeMap<Key, i64> = consumer
+        .position()
+        .map(|positions| {
+            positions
+                .elements()
+                .iter()
+                .filter_map(|p| match p.offset() {
+                    rdkafka::Offset::Offset(o) if o >= 0 => {
+                        Some(((p.topic().to_owned(), p.partition()), o))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if offsets.is_empty() {
+        return false;
+    }
+    match other.holds_its_id(&offsets, group) {
+        Ok(held) => {
+            if !held {
+                tracing::error!(
+                    fenced = %transactional_id,
+                    other = other.transactional_id(),
+                    "both transactional ids of this instance are fenced: a newer instance with \
+                     this instance id took them over; stopping instead of taking them back"
+                );
+            }
+            !held
+        }
+        Err(asked) => {
+            tracing::warn!(
+                error = %asked,
+                "could not ask the coordinator whether this instance's other transactional id \
+                 is fenced; taking the fence for the broker's transaction timeout"
+            );
+            false
+        }
     }
 }
 

@@ -739,7 +739,8 @@ struct StallsOnce {
     after: Duration,
     stall: Duration,
     first_seen: std::sync::OnceLock<std::time::Instant>,
-    stalled: AtomicBool,
+    /// Set as the stall begins.
+    stalled: Arc<AtomicBool>,
     assigned: Arc<AtomicBool>,
 }
 
@@ -788,7 +789,7 @@ async fn a_transaction_the_broker_times_out_is_recovered_from_without_loss_or_du
             after: Duration::from_secs(1),
             stall,
             first_seen: std::sync::OnceLock::new(),
-            stalled: AtomicBool::new(false),
+            stalled: Arc::new(AtomicBool::new(false)),
             assigned: Arc::clone(&assigned),
         },
     ));
@@ -819,6 +820,89 @@ async fn a_transaction_the_broker_times_out_is_recovered_from_without_loss_or_du
          it, the pipeline re-initialised its producer {} time(s) and went on; read_committed {c} \
          exactly once, read_uncommitted {u} ({doubled} ids also in the aborted transaction)",
         summary.producer_recoveries
+    );
+}
+
+/// A zombie paused inside a transaction for longer than the transaction timeout, whose
+/// instance id a restarted instance took meanwhile, must stop when it wakes — not take its
+/// transactional id back. By time alone its fence looks like the broker's timeout (the test
+/// above), which the instance recovers from by re-initialising the producer; here that would
+/// fence the newer instance, which would stop instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_paused_past_the_transaction_timeout_stops_and_the_newer_instance_runs_on() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-zombie-paused", 3, 3).await;
+    let input = events(2_000, 47);
+
+    let timeout = Duration::from_secs(4);
+    let stall = timeout + Duration::from_secs(5);
+    let stalled = Arc::new(AtomicBool::new(false));
+    let assigned = Arc::new(AtomicBool::new(false));
+    let old = Running::start(Pipeline::new(
+        test_config(kafka, &t.app, "0", &t.input)
+            .commit_interval(Duration::from_secs(3))
+            .transaction_timeout(timeout)
+            .build()
+            .expect("config"),
+        StallsOnce {
+            out: t.output.clone(),
+            after: Duration::from_secs(1),
+            stall,
+            first_seen: std::sync::OnceLock::new(),
+            stalled: Arc::clone(&stalled),
+            assigned: Arc::clone(&assigned),
+        },
+    ));
+    while !assigned.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The input trickles in until the old instance's processor stalls, a second into its first
+    // transaction, with outputs of that transaction sent.
+    let producer = onceflow_integration_tests::input_producer(kafka);
+    let mut produced = 0;
+    for chunk in input.chunks(10) {
+        onceflow_integration_tests::produce_events_with(&producer, &t.input, chunk).await;
+        produced += chunk.len();
+        if stalled.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(
+        stalled.load(Ordering::SeqCst),
+        "the old instance's processor never stalled: all {produced} inputs were produced first"
+    );
+    let rest = &input[produced..];
+
+    // The restarted instance: same instance id, so it registers both transactional ids (fencing
+    // the stalled one's producers) and joins the group.
+    let new = Running::start(Pipeline::new(
+        test_config(kafka, &t.app, "0", &t.input)
+            .build()
+            .expect("config"),
+        Enrich::new(&t.output, "new"),
+    ));
+    onceflow_integration_tests::produce_events_with(&producer, &t.input, rest).await;
+
+    let err = stopped_fenced(
+        old,
+        "a newer instance with the same id, while it was stalled",
+    )
+    .await;
+    println!("old instance, stalled for {stall:?} (timeout {timeout:?}), stopped: {err}");
+
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    // Fails if the newer instance stopped: then the old one took an id back and fenced it.
+    let summary = new.stop().await;
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &committed, 3).assert_exactly_once();
+    println!(
+        "2,000 inputs: {} committed outputs exactly once, the newer instance ran on to the end \
+         ({} transactions)",
+        committed.len(),
+        summary.transactions_committed
     );
 }
 
