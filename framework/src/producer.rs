@@ -645,6 +645,17 @@ mod tests {
         )?)
     }
 
+    /// A consumer of group `app` on `mock`, for the group metadata that offsets are sent with.
+    fn group_consumer(
+        mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        app: &str,
+    ) -> Result<BaseConsumer, Box<dyn std::error::Error>> {
+        Ok(ClientConfig::new()
+            .set("bootstrap.servers", mock.bootstrap_servers())
+            .set("group.id", app)
+            .create()?)
+    }
+
     fn send_some(producer: &TxProducer) -> Result<(), Box<dyn std::error::Error>> {
         for i in 0..10u8 {
             let record = OutputRecord::to("out").value(vec![i]);
@@ -726,10 +737,7 @@ mod tests {
         let config = mock_config(&mock, app, Duration::from_secs(30)).build()?;
         mock.create_topic("in", 1, 1)?;
         mock.create_topic("out", 1, 1)?;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", mock.bootstrap_servers())
-            .set("group.id", app)
-            .create()?;
+        let consumer = group_consumer(&mock, app)?;
         let offsets = BTreeMap::from([(("in".to_owned(), 0), 42)]);
         let group = || consumer.group_metadata().ok_or("no group metadata");
 
@@ -784,10 +792,7 @@ mod tests {
         mock.coordinator(MockCoordinator::Group(app.to_owned()), 2)?;
 
         let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", mock.bootstrap_servers())
-            .set("group.id", app)
-            .create()?;
+        let consumer = group_consumer(&mock, app)?;
         let group = consumer.group_metadata().ok_or("no group metadata")?;
         producer.begin()?;
         mock.broker_down(2)?;

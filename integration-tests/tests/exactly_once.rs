@@ -766,6 +766,38 @@ impl Processor for StallsOnce {
     }
 }
 
+/// Starts instance "0" with a [`StallsOnce`] processor (a 3 s commit interval, so the stall
+/// falls inside the first transaction) and waits until it has partitions. Returns it and the
+/// flag set as the stall begins.
+async fn start_stalling_once(
+    kafka: &Kafka,
+    t: &Topics,
+    timeout: Duration,
+    stall: Duration,
+) -> (Running, Arc<AtomicBool>) {
+    let stalled = Arc::new(AtomicBool::new(false));
+    let assigned = Arc::new(AtomicBool::new(false));
+    let running = Running::start(Pipeline::new(
+        test_config(kafka, &t.app, "0", &t.input)
+            .commit_interval(Duration::from_secs(3))
+            .transaction_timeout(timeout)
+            .build()
+            .expect("config"),
+        StallsOnce {
+            out: t.output.clone(),
+            after: Duration::from_secs(1),
+            stall,
+            first_seen: std::sync::OnceLock::new(),
+            stalled: Arc::clone(&stalled),
+            assigned: Arc::clone(&assigned),
+        },
+    ));
+    while !assigned.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (running, stalled)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_the_broker_times_out_is_recovered_from_without_loss_or_duplicates() {
     init_tracing();
@@ -776,26 +808,7 @@ async fn a_transaction_the_broker_times_out_is_recovered_from_without_loss_or_du
 
     let timeout = Duration::from_secs(4);
     let stall = timeout + Duration::from_secs(3);
-    let config = test_config(kafka, &t.app, "0", &t.input)
-        .commit_interval(Duration::from_secs(3))
-        .transaction_timeout(timeout)
-        .build()
-        .expect("config");
-    let assigned = Arc::new(AtomicBool::new(false));
-    let running = Running::start(Pipeline::new(
-        config,
-        StallsOnce {
-            out: t.output.clone(),
-            after: Duration::from_secs(1),
-            stall,
-            first_seen: std::sync::OnceLock::new(),
-            stalled: Arc::new(AtomicBool::new(false)),
-            assigned: Arc::clone(&assigned),
-        },
-    ));
-    while !assigned.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (running, _) = start_stalling_once(kafka, &t, timeout, stall).await;
     // A live stream: the input trickles in (over ~3 s) while the pipeline runs.
     let producer = onceflow_integration_tests::input_producer(kafka);
     for chunk in input.chunks(10) {
@@ -838,26 +851,7 @@ async fn a_zombie_paused_past_the_transaction_timeout_stops_and_the_newer_instan
 
     let timeout = Duration::from_secs(4);
     let stall = timeout + Duration::from_secs(5);
-    let stalled = Arc::new(AtomicBool::new(false));
-    let assigned = Arc::new(AtomicBool::new(false));
-    let old = Running::start(Pipeline::new(
-        test_config(kafka, &t.app, "0", &t.input)
-            .commit_interval(Duration::from_secs(3))
-            .transaction_timeout(timeout)
-            .build()
-            .expect("config"),
-        StallsOnce {
-            out: t.output.clone(),
-            after: Duration::from_secs(1),
-            stall,
-            first_seen: std::sync::OnceLock::new(),
-            stalled: Arc::clone(&stalled),
-            assigned: Arc::clone(&assigned),
-        },
-    ));
-    while !assigned.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (old, stalled) = start_stalling_once(kafka, &t, timeout, stall).await;
     // The input trickles in until the old instance's processor stalls, a second into its first
     // transaction, with outputs of that transaction sent.
     let producer = onceflow_integration_tests::input_producer(kafka);
