@@ -382,9 +382,11 @@ impl TxProducer {
         let asked = self.send_offsets(offsets, group);
         match asked {
             Ok(()) => {
-                self.retrying("abort_transaction", |p| {
+                // The answer stands whatever the abort does; if it failed, the producer's next
+                // use fails and is recovered from as usual.
+                let _ = self.retrying("abort_transaction", |p| {
                     p.inner.abort_transaction(p.call_timeout)
-                })?;
+                });
                 Ok(true)
             }
             Err(e) if e.is_fenced() => Ok(false),

@@ -2071,8 +2071,9 @@ fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) ->
 /// transaction for longer than the timeout (a frozen process, a network partition) and taken
 /// over meanwhile by a restarted instance with its id would re-initialise its producer — and
 /// fence the newer instance, which would stop. A newer instance registers both of the
-/// instance's ids before it reads a record (see [`crate::config::PipelineConfig::transactional_ids`]);
-/// the broker's timeout ends one producer's transaction, and fences that producer only.
+/// instance's ids before it reads a record
+/// ([`crate::config::PipelineConfig::transactional_ids`]); the broker's timeout ends one
+/// producer's transaction, and fences that producer only.
 ///
 /// Not asked — the time decides — when the other producer has itself gone uncommitted longer
 /// than the timeout (its fence would be as ambiguous), or when there is nothing to ask with
