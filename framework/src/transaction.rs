@@ -2009,8 +2009,12 @@ where
             let recoverable = {
                 let st = shared.state();
                 st.producer_recoveries_in_row < MAX_PRODUCER_RECOVERIES
-                    && producer_can_be_replaced(&e, &st, shared.config.transaction_timeout)
-                    && !taken_over(&e, &st, consumer, shared.config.transaction_timeout)
+                    && producer_can_be_replaced(
+                        &e,
+                        &st,
+                        consumer,
+                        shared.config.transaction_timeout,
+                    )
             };
             if !recoverable {
                 let mut st = shared.state();
@@ -2034,8 +2038,8 @@ where
 ///   coordinator may have timed out a transaction of it — the open one, or one librdkafka left
 ///   open there after an abort — aborted it and bumped the epoch, and librdkafka reports that
 ///   exactly like fencing by a newer instance — unless the instance's other producer is
-///   fenced too ([`taken_over`], asked by the caller). A producer that committed within the
-///   timeout was fenced by a real newer instance: stop.
+///   fenced too ([`taken_over`]). A producer that committed within the timeout was fenced by
+///   a real newer instance: stop.
 /// * Any other fatal producer error (e.g. `INVALID_TXN_STATE` from an abort after messages
 ///   timed out during a broker failover): this instance still owns its partitions — the
 ///   consumer group says so — so it takes a new producer epoch.
@@ -2043,15 +2047,26 @@ where
 ///   waited for past its own timeout.
 /// * An abort after records failed or were purged ([`Error::UnsafeAfterAbort`]): the abort
 ///   itself succeeded, but only a new epoch makes the producer's sequence numbers safe again.
-fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) -> bool {
+fn producer_can_be_replaced<Ctx: rdkafka::consumer::ConsumerContext>(
+    e: &Error,
+    st: &LoopState,
+    consumer: &BaseConsumer<Ctx>,
+    txn_timeout: Duration,
+) -> bool {
     match e {
         Error::Fenced {
             transactional_id, ..
-        } => [&st.producer, &st.idle]
-            .into_iter()
-            .find(|p| p.transactional_id() == transactional_id)
-            .and_then(TxProducer::uncommitted_since)
-            .is_some_and(|t| t.elapsed() >= txn_timeout),
+        } => {
+            let (fenced, other) = if st.producer.transactional_id() == transactional_id {
+                (&st.producer, &st.idle)
+            } else if st.idle.transactional_id() == transactional_id {
+                (&st.idle, &st.producer)
+            } else {
+                return false;
+            };
+            uncommitted_past(fenced, txn_timeout)
+                && !taken_over(fenced, other, consumer, txn_timeout)
+        }
         Error::Kafka {
             source: rdkafka::error::KafkaError::Transaction(t),
             ..
@@ -2063,9 +2078,17 @@ fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) ->
     }
 }
 
-/// True when a fence that [`producer_can_be_replaced`] took for the broker's timeout came from
-/// a newer instance with this instance's id after all: the instance's other producer, asked
-/// with [`TxProducer::holds_its_id`], is fenced too.
+/// Whether `producer` has gone longer than `txn_timeout` without a commit since a transaction
+/// began on it ([`TxProducer::uncommitted_since`]).
+fn uncommitted_past(producer: &TxProducer, txn_timeout: Duration) -> bool {
+    producer
+        .uncommitted_since()
+        .is_some_and(|t| t.elapsed() >= txn_timeout)
+}
+
+/// True when the fence of `fenced`, which [`producer_can_be_replaced`] would take for the
+/// broker's timeout, came from a newer instance with this instance's id after all: the
+/// instance's `other` producer, asked with [`TxProducer::holds_its_id`], is fenced too.
 ///
 /// Why ask: telling the two apart by time alone fails a zombie. An instance paused in a
 /// transaction for longer than the timeout (a frozen process, a network partition) and taken
@@ -2080,27 +2103,12 @@ fn producer_can_be_replaced(e: &Error, st: &LoopState, txn_timeout: Duration) ->
 /// (no consumer group metadata, no partition with a position yet). When the coordinator cannot
 /// be asked, the time decides too, as it did before the question existed.
 fn taken_over<Ctx: rdkafka::consumer::ConsumerContext>(
-    e: &Error,
-    st: &LoopState,
+    fenced: &TxProducer,
+    other: &TxProducer,
     consumer: &BaseConsumer<Ctx>,
     txn_timeout: Duration,
 ) -> bool {
-    let Error::Fenced {
-        transactional_id, ..
-    } = e
-    else {
-        return false;
-    };
-    let Some(other) = [&st.producer, &st.idle]
-        .into_iter()
-        .find(|p| p.transactional_id() != transactional_id)
-    else {
-        return false;
-    };
-    if other
-        .uncommitted_since()
-        .is_some_and(|t| t.elapsed() >= txn_timeout)
-    {
+    if uncommitted_past(other, txn_timeout) {
         return false;
     }
     let Some(group) = consumer.group_metadata() else {
@@ -2114,9 +2122,7 @@ fn taken_over<Ctx: rdkafka::consumer::ConsumerContext>(
                 .elements()
                 .iter()
                 .filter_map(|p| match p.offset() {
-                    rdkafka::Offset::Offset(o) if o >= 0 => {
-                        Some(((p.topic().to_owned(), p.partition()), o))
-                    }
+                    rdkafka::Offset::Offset(o) => Some(((p.topic().to_owned(), p.partition()), o)),
                     _ => None,
                 })
                 .collect()
@@ -2129,7 +2135,7 @@ fn taken_over<Ctx: rdkafka::consumer::ConsumerContext>(
         Ok(held) => {
             if !held {
                 tracing::error!(
-                    fenced = %transactional_id,
+                    fenced = fenced.transactional_id(),
                     other = other.transactional_id(),
                     "both transactional ids of this instance are fenced: a newer instance with \
                      this instance id took them over; stopping instead of taking them back"
