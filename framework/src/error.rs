@@ -148,6 +148,25 @@ pub enum Error {
         records: u64,
     },
 
+    /// The transaction coordinator did not know the producer's id: it forgets a transactional
+    /// id that has not been used for `transactional.id.expiration.ms` (7 days by default), so
+    /// an instance idle for longer meets this on its first transactions. librdkafka (2.12.1)
+    /// gets a new producer id by itself only when the refusal answers the registration of an
+    /// output partition; when it answers the registration of the consumer's offsets — all a
+    /// transaction registers when its records produced no output — the aborted transaction's
+    /// successor is refused the same way, for as long as no output comes. So after the abort
+    /// the runtime replaces the producer, whose `init_transactions` registers the id anew, and
+    /// processes the records since the last commit again.
+    #[error(
+        "the transaction coordinator does not know the producer id of {transactional_id} (a \
+         transactional id unused for longer than transactional.id.expiration.ms is forgotten); \
+         this producer must be initialised again"
+    )]
+    ProducerIdUnknown {
+        /// The producer's transactional id.
+        transactional_id: String,
+    },
+
     /// The cluster did not answer.
     #[error(
         "cannot reach Kafka at {bootstrap_servers}: {source}. Check the address, that the \
@@ -191,6 +210,7 @@ impl Error {
             | Self::Unresolved { .. }
             | Self::ProducerHung { .. }
             | Self::UnsafeAfterAbort { .. }
+            | Self::ProducerIdUnknown { .. }
             | Self::Unreachable { .. }
             | Self::MissingTopic { .. }
             | Self::Interrupted
@@ -236,6 +256,15 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
         KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut) => ErrorClass::Retriable,
         _ => ErrorClass::Fatal,
     }
+}
+
+/// True when the coordinator answered that it does not know the producer's id (see
+/// [`Error::ProducerIdUnknown`]).
+pub(crate) fn is_unknown_producer_error(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::InvalidProducerIdMapping | RDKafkaErrorCode::UnknownProducerId)
+    )
 }
 
 /// True when librdkafka reports that this producer was fenced (or its epoch is stale).

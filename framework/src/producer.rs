@@ -16,7 +16,7 @@
 )]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -127,6 +127,9 @@ pub(crate) struct TxProducer {
     /// after a commit, and for a new producer): since then the coordinator may hold a
     /// transaction of this producer open. See [`TxProducer::uncommitted_since`].
     uncommitted_since: Mutex<Option<Instant>>,
+    /// Set when the coordinator answered that it does not know this producer's id; the next
+    /// successful [`TxProducer::abort`] then reports [`Error::ProducerIdUnknown`].
+    id_unknown: AtomicBool,
 }
 
 impl std::fmt::Debug for TxProducer {
@@ -202,6 +205,7 @@ impl TxProducer {
             transactional_id: transactional_id.to_owned(),
             call_timeout: config.transaction_timeout,
             uncommitted_since: Mutex::new(None),
+            id_unknown: AtomicBool::new(false),
         };
         producer.retrying("init_transactions", |p| {
             p.inner.init_transactions(p.call_timeout)
@@ -466,6 +470,10 @@ impl TxProducer {
     /// any, a new producer — whose `init_transactions` bumps the epoch — takes over. Records
     /// purged before they were ever sent (the usual abort, after a processor's `retry`) are
     /// harmless, and keep the producer.
+    ///
+    /// Fails with [`Error::ProducerIdUnknown`] — also after a successful abort — when the
+    /// coordinator said during the transaction that it does not know this producer's id: the
+    /// producer cannot get one back by itself in every case (see the variant).
     pub(crate) fn abort(&self) -> Result<(), Error> {
         self.retrying("abort_transaction", |p| {
             p.inner.abort_transaction(p.call_timeout)
@@ -476,6 +484,9 @@ impl TxProducer {
             .possibly_written
             .swap(0, Ordering::Relaxed)
         {
+            0 if self.id_unknown.swap(false, Ordering::Relaxed) => Err(Error::ProducerIdUnknown {
+                transactional_id: self.transactional_id.clone(),
+            }),
             0 => Ok(()),
             records => Err(Error::UnsafeAfterAbort { records }),
         }
@@ -523,6 +534,9 @@ impl TxProducer {
     }
 
     fn error(&self, operation: &'static str, e: KafkaError) -> Error {
+        if crate::error::is_unknown_producer_error(&e) {
+            self.id_unknown.store(true, Ordering::Relaxed);
+        }
         if crate::error::is_fenced_error(&e) {
             Error::Fenced {
                 transactional_id: self.transactional_id.clone(),
@@ -685,6 +699,43 @@ mod tests {
         assert!(
             matches!(result, Err(Error::UnsafeAfterAbort { records: 10 })),
             "{result:?}"
+        );
+        Ok(())
+    }
+
+    /// A transaction whose offsets the coordinator refused because it does not know the
+    /// producer's id (as after `transactional.id.expiration.ms`): the abort succeeds, and says
+    /// that the producer must be initialised again — librdkafka does not get a new id after
+    /// this refusal, so the next transaction would be refused too. Against the real broker:
+    /// `an_idle_instance_whose_next_transactions_carry_only_offsets_goes_on` in
+    /// `integration-tests/tests/exactly_once.rs`.
+    #[test]
+    fn an_abort_after_the_coordinator_forgot_the_producer_id_retires_the_producer()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(1)?;
+        let app = "producer-id-unknown";
+        let config = mock_config(&mock, app, Duration::from_secs(30)).build()?;
+        mock.create_topic("in", 1, 1)?;
+        let consumer = group_consumer(&mock, app)?;
+        let offsets = BTreeMap::from([(("in".to_owned(), 0), 42)]);
+        let group = consumer.group_metadata().ok_or("no group metadata")?;
+
+        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
+        producer.begin()?;
+        mock.request_errors(
+            rdkafka::types::RDKafkaApiKey::AddOffsetsToTxn,
+            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_ID_MAPPING],
+        );
+        let sent = producer.send_offsets(&offsets, group);
+        assert!(
+            matches!(&sent, Err(e) if e.class() == ErrorClass::Abortable),
+            "{sent:?}"
+        );
+        let aborted = producer.abort();
+        assert!(
+            matches!(&aborted, Err(Error::ProducerIdUnknown { transactional_id })
+                if *transactional_id == config.transactional_id()),
+            "{aborted:?}"
         );
         Ok(())
     }

@@ -512,7 +512,8 @@ pub struct RunSummary {
     /// Rebalances (revocations) this instance went through.
     pub rebalances: u64,
     /// Times the producer was re-created because it became unusable (a transaction the broker
-    /// timed out, a fatal transactional error other than fencing by a newer instance).
+    /// timed out, a fatal transactional error other than fencing by a newer instance, a
+    /// producer id the coordinator forgot).
     pub producer_recoveries: u64,
 }
 
@@ -2047,6 +2048,8 @@ where
 ///   waited for past its own timeout.
 /// * An abort after records failed or were purged ([`Error::UnsafeAfterAbort`]): the abort
 ///   itself succeeded, but only a new epoch makes the producer's sequence numbers safe again.
+/// * An abort after the coordinator said it does not know the producer's id
+///   ([`Error::ProducerIdUnknown`]): only `init_transactions` registers it again.
 fn producer_can_be_replaced<Ctx: rdkafka::consumer::ConsumerContext>(
     e: &Error,
     st: &LoopState,
@@ -2072,8 +2075,11 @@ fn producer_can_be_replaced<Ctx: rdkafka::consumer::ConsumerContext>(
             ..
         } => t.is_fatal(),
         // The producer is stuck in a call librdkafka lost track of (see `ProducerHung`), or
-        // its sequence numbers may collide with records in the log (see `UnsafeAfterAbort`).
-        Error::ProducerHung { .. } | Error::UnsafeAfterAbort { .. } => true,
+        // its sequence numbers may collide with records in the log (see `UnsafeAfterAbort`), or
+        // the coordinator forgot its id (see `ProducerIdUnknown`).
+        Error::ProducerHung { .. }
+        | Error::UnsafeAfterAbort { .. }
+        | Error::ProducerIdUnknown { .. } => true,
         _ => false,
     }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use onceflow::dead_letter;
-use onceflow::testkit::{Isolation, Kafka};
+use onceflow::testkit::{Isolation, Kafka, KafkaOptions};
 use onceflow::{Output, OutputRecord, Pipeline, ProcessError, Processor, Record};
 use onceflow_integration_tests::{
     Event, Running, aborted_copies, enrich, events, init_tracing, produce_events, produce_raw,
@@ -898,6 +898,109 @@ async fn a_zombie_paused_past_the_transaction_timeout_stops_and_the_newer_instan
         committed.len(),
         summary.transactions_committed
     );
+}
+
+/// Emits `enrich(event)` for the events before `until_id` and nothing for the others: a
+/// filter, whose transactions past that point carry only the consumer's offsets.
+struct EnrichUntil {
+    inner: Enrich,
+    until_id: u64,
+    /// Records processed (including ones later aborted).
+    processed: Arc<AtomicU64>,
+}
+
+#[onceflow::async_trait]
+impl Processor for EnrichUntil {
+    type Input = Event;
+
+    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
+        self.processed.fetch_add(1, Ordering::SeqCst);
+        if r.value.id < self.until_id {
+            self.inner.process(r, out).await
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A pipeline idle for longer than the broker keeps an unused transactional id
+/// (`transactional.id.expiration.ms`, 7 days by default) must go on when input comes back:
+/// the coordinator has forgotten both of the instance's ids (and the partitions their producer
+/// state), so the first transactions on each producer are refused
+/// (`INVALID_PRODUCER_ID_MAPPING`) — never may the pipeline stop or stall, lose or double a
+/// record. The broker here forgets after 2 s instead of 7 days. Run twice: with outputs after
+/// the idle spell, and with none, so that the transactions after it register only offsets.
+async fn idle_past_the_transactional_id_expiration(name: &str, outputs_after_idle: bool) {
+    init_tracing();
+    let mut options = KafkaOptions::single()
+        .broker_property("transactional.id.expiration.ms", "2000")
+        .broker_property(
+            "transaction.remove.expired.transaction.cleanup.interval.ms",
+            "500",
+        )
+        .broker_property("producer.id.expiration.ms", "2000")
+        .broker_property("producer.id.expiration.check.interval.ms", "500");
+    // Its own broker: the expiry would reach into the other tests' pipelines.
+    options.use_external = false;
+    let kafka = Kafka::start_with(options).await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(&kafka, name, 3, 3).await;
+    let input = events(1_000, 31);
+    let (first, second) = input.split_at(500);
+
+    let config = test_config(&kafka, &t.app, "0", &t.input)
+        .build()
+        .expect("config");
+    let processor = EnrichUntil {
+        inner: Enrich::new(&t.output, "0"),
+        until_id: if outputs_after_idle { u64::MAX } else { 500 },
+        processed: Arc::default(),
+    };
+    let processed = Arc::clone(&processor.processed);
+    let running = Running::start(Pipeline::new(config, processor));
+    produce_events(&kafka, &t.input, first).await;
+    wait_caught_up(&kafka, &t.app, &t.input, CATCH_UP).await;
+    // Idle: no input, so no transaction, for longer than the expiration and its clean-up.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let before = processed.load(Ordering::SeqCst);
+    produce_events(&kafka, &t.input, second).await;
+    wait_caught_up(&kafka, &t.app, &t.input, Duration::from_secs(60)).await;
+    let summary = running.stop().await;
+
+    let committed = read(&kafka, &t.output, Isolation::ReadCommitted).await;
+    let expected = if outputs_after_idle {
+        &input[..]
+    } else {
+        first
+    };
+    verify(expected, &committed, 3).assert_exactly_once();
+    // The expiry was met, not slept through: a transaction after the idle spell was refused,
+    // so some of the records after it were processed twice.
+    let after = processed.load(Ordering::SeqCst) - before;
+    assert!(
+        after > second.len() as u64,
+        "{after} records processed after the idle spell, none again: no transaction was \
+         refused, so the ids did not expire ({summary:?})"
+    );
+    println!(
+        "1,000 inputs around a 6 s idle spell with a 2 s transactional id expiration, outputs \
+         after it: {outputs_after_idle}: {} committed outputs exactly once, every input's \
+         offset committed; {after} records processed for the 500 after the idle spell; {} \
+         transaction(s) aborted, {} producer recovery(ies) in the whole run",
+        committed.len(),
+        summary.transactions_aborted,
+        summary.producer_recoveries
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_idle_past_the_transactional_id_expiration_goes_on_exactly_once() {
+    idle_past_the_transactional_id_expiration("eos-idle-expiry", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_instance_whose_next_transactions_carry_only_offsets_goes_on() {
+    idle_past_the_transactional_id_expiration("eos-idle-expiry-offsets", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
