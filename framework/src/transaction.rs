@@ -1092,6 +1092,21 @@ fn assigned_set<Ctx: rdkafka::consumer::ConsumerContext>(
         .unwrap_or_default()
 }
 
+/// Each partition of `tpl` with its offset, `None` where it is not an offset (unset, or a
+/// logical one such as the end).
+fn offsets_of(tpl: &rdkafka::TopicPartitionList) -> Vec<(Key, Option<i64>)> {
+    tpl.elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            ((e.topic().to_owned(), e.partition()), offset)
+        })
+        .collect()
+}
+
 /// One partition's records, what processing decided for each (shorter than the records when
 /// processing stopped at a retry or a fatal error), and all their outputs in order.
 type Processed = (Vec<Polled>, Vec<Outcome>, Vec<OutputRecord>);
@@ -1744,14 +1759,10 @@ fn positions_past_markers<Ctx: rdkafka::consumer::ConsumerContext>(
         return Vec::new();
     }
     let buffer = st.intake.buffer();
-    positions
-        .elements()
-        .iter()
-        .filter_map(|e| {
-            let key = (e.topic().to_owned(), e.partition());
-            let rdkafka::Offset::Offset(position) = e.offset() else {
-                return None;
-            };
+    offsets_of(&positions)
+        .into_iter()
+        .filter_map(|(key, position)| {
+            let position = position?;
             let ours = st
                 .txn
                 .as_ref()
@@ -2124,13 +2135,9 @@ fn taken_over<Ctx: rdkafka::consumer::ConsumerContext>(
     let offsets: BTreeMap<Key, i64> = consumer
         .position()
         .map(|positions| {
-            positions
-                .elements()
-                .iter()
-                .filter_map(|p| match p.offset() {
-                    rdkafka::Offset::Offset(o) => Some(((p.topic().to_owned(), p.partition()), o)),
-                    _ => None,
-                })
+            offsets_of(&positions)
+                .into_iter()
+                .filter_map(|(key, offset)| Some((key, offset?)))
                 .collect()
         })
         .unwrap_or_default();
@@ -2219,17 +2226,7 @@ where
     let committed = consumer
         .committed_offsets(assignment, Duration::from_secs(30))
         .map_err(|e| Error::kafka("fetching the committed offsets", e))?;
-    let committed: Vec<(Key, Option<i64>)> = committed
-        .elements()
-        .iter()
-        .map(|e| {
-            let offset = match e.offset() {
-                rdkafka::Offset::Offset(o) => Some(o),
-                _ => None,
-            };
-            ((e.topic().to_owned(), e.partition()), offset)
-        })
-        .collect();
+    let committed = offsets_of(&committed);
     let mut st = shared.state();
     // Whichever place the failed producer holds now: a rebalance served meanwhile may have
     // ended a transaction and made the producers change places.
