@@ -901,12 +901,11 @@ async fn a_zombie_paused_past_the_transaction_timeout_stops_and_the_newer_instan
 }
 
 /// Emits `enrich(event)` for the events before `until_id` and nothing for the others: a
-/// filter, whose transactions past that point carry only the consumer's offsets.
+/// filter, whose transactions past that point carry only the consumer's offsets. Every record
+/// counts in `inner.processed`, emitted or not.
 struct EnrichUntil {
     inner: Enrich,
     until_id: u64,
-    /// Records processed (including ones later aborted).
-    processed: Arc<AtomicU64>,
 }
 
 #[onceflow::async_trait]
@@ -914,10 +913,10 @@ impl Processor for EnrichUntil {
     type Input = Event;
 
     async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
-        self.processed.fetch_add(1, Ordering::SeqCst);
         if r.value.id < self.until_id {
             self.inner.process(r, out).await
         } else {
+            self.inner.processed.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -954,9 +953,8 @@ async fn idle_past_the_transactional_id_expiration(name: &str, outputs_after_idl
     let processor = EnrichUntil {
         inner: Enrich::new(&t.output, "0"),
         until_id: if outputs_after_idle { u64::MAX } else { 500 },
-        processed: Arc::default(),
     };
-    let processed = Arc::clone(&processor.processed);
+    let processed = Arc::clone(&processor.inner.processed);
     let running = Running::start(Pipeline::new(config, processor));
     produce_events(&kafka, &t.input, first).await;
     wait_caught_up(&kafka, &t.app, &t.input, CATCH_UP).await;
