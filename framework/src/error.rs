@@ -11,6 +11,13 @@
 //!
 //! An error librdkafka flags as none of the three is treated as fatal: when in doubt, stopping
 //! is safe (the next instance resolves the transaction), guessing is not.
+//!
+//! One exception to librdkafka's flags: a refusal that the broker would repeat on every retry
+//! — an output record it does not accept, a missing permission — is fatal here even where
+//! librdkafka flags it abortable ([`Error::Refused`]). Aborting would process the same records
+//! again, produce the same outputs or ask for the same permission, and be refused again: a
+//! loop that aborts every commit interval, for ever, with every partition of the instance
+//! held still behind it.
 
 use std::time::Duration;
 
@@ -167,6 +174,30 @@ pub enum Error {
         transactional_id: String,
     },
 
+    /// The broker refused an output record or an operation in a way it would repeat on every
+    /// retry (see the [module docs](self)): the instance stops instead of aborting and
+    /// processing the same records again for ever. Nothing since the last commit is visible to
+    /// read_committed readers, and the group's offsets stay at the last commit, so once the
+    /// cause is fixed a restart processes those records again, exactly once.
+    ///
+    /// librdkafka flags most of these abortable. Which refusals count is listed at
+    /// [`classify`].
+    #[error(
+        "{operation} failed on a refusal the broker would repeat on every retry ({hint}). \
+         Stopping instead of aborting and processing the same records again for ever: \
+         nothing since the last commit is visible to read_committed readers, and a restart \
+         after the cause is fixed processes it again. Cause: {source}"
+    )]
+    Refused {
+        /// What was being done, e.g. "commit_transaction".
+        operation: &'static str,
+        /// What the refusal means and where to look.
+        hint: &'static str,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
+
     /// The cluster did not answer.
     #[error(
         "cannot reach Kafka at {bootstrap_servers}: {source}. Check the address, that the \
@@ -211,6 +242,7 @@ impl Error {
             | Self::ProducerHung { .. }
             | Self::UnsafeAfterAbort { .. }
             | Self::ProducerIdUnknown { .. }
+            | Self::Refused { .. }
             | Self::Unreachable { .. }
             | Self::MissingTopic { .. }
             | Self::Interrupted
@@ -236,9 +268,20 @@ impl Error {
     }
 }
 
-/// The class of a librdkafka error, by its transactional flags.
+/// The class of a librdkafka error, by its transactional flags — except that a refusal the
+/// broker would repeat on every retry is [`ErrorClass::Fatal`] whatever its flags:
+///
+/// | code | what the broker refused |
+/// | --- | --- |
+/// | `MSG_SIZE_TOO_LARGE` | a batch of output records larger than the topic's `max.message.bytes` |
+/// | `INVALID_RECORD` | an output record invalid for its topic (e.g. one without a key on a compacted topic) |
+/// | `INVALID_TIMESTAMP` | an output record's timestamp outside what its topic accepts |
+/// | `TOPIC_AUTHORIZATION_FAILED`, `GROUP_AUTHORIZATION_FAILED`, `CLUSTER_AUTHORIZATION_FAILED`, `TRANSACTIONAL_ID_AUTHORIZATION_FAILED` | a permission this instance's principal lacks |
 #[must_use]
 pub fn classify(error: &KafkaError) -> ErrorClass {
+    if refusal_hint(error).is_some() {
+        return ErrorClass::Fatal;
+    }
     match error {
         KafkaError::Transaction(e) => {
             if e.is_fatal() {
@@ -256,6 +299,50 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
         KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut) => ErrorClass::Retriable,
         _ => ErrorClass::Fatal,
     }
+}
+
+/// What a refusal the broker would repeat on every retry means (see [`classify`]), or `None`
+/// for any other error.
+///
+/// Only errors of transactional calls count: a record the producer refuses before sending it
+/// (`send`) is a different path — it is tried again and then dead-lettered, because it is
+/// known to be that record's.
+pub(crate) fn refusal_hint(error: &KafkaError) -> Option<&'static str> {
+    let KafkaError::Transaction(e) = error else {
+        return None;
+    };
+    Some(match e.code() {
+        RDKafkaErrorCode::MessageSizeTooLarge => {
+            "a batch of output records is larger than its topic's max.message.bytes: keep the \
+             producer's batch.size and message.max.bytes under the topic's limit, or \
+             dead-letter records whose output would be larger in the processor"
+        }
+        RDKafkaErrorCode::InvalidRecord => {
+            "an output record is invalid for its topic, e.g. a record without a key on a \
+             compacted topic; the broker's log names the rule"
+        }
+        RDKafkaErrorCode::InvalidTimestamp => {
+            "an output record's timestamp is outside what its topic accepts \
+             (message.timestamp.before.max.ms / after.max.ms); outputs carry their input's \
+             timestamp unless the processor sets one"
+        }
+        RDKafkaErrorCode::TopicAuthorizationFailed => {
+            "this instance's principal may not write an output topic (or read the input)"
+        }
+        RDKafkaErrorCode::GroupAuthorizationFailed => {
+            "this instance's principal may not commit offsets for the consumer group \
+             (READ on the group, named by application_id)"
+        }
+        RDKafkaErrorCode::ClusterAuthorizationFailed => {
+            "this instance's principal lacks a cluster permission (IDEMPOTENT_WRITE on brokers \
+             older than 2.8)"
+        }
+        RDKafkaErrorCode::TransactionalIdAuthorizationFailed => {
+            "this instance's principal may not use its transactional ids (WRITE and DESCRIBE \
+             on the ids, see PipelineConfig::transactional_ids)"
+        }
+        _ => return None,
+    })
 }
 
 /// True when the coordinator answered that it does not know the producer's id (see

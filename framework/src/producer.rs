@@ -537,7 +537,13 @@ impl TxProducer {
         if crate::error::is_unknown_producer_error(&e) {
             self.id_unknown.store(true, Ordering::Relaxed);
         }
-        if crate::error::is_fenced_error(&e) {
+        if let Some(hint) = crate::error::refusal_hint(&e) {
+            Error::Refused {
+                operation,
+                hint,
+                source: e,
+            }
+        } else if crate::error::is_fenced_error(&e) {
             Error::Fenced {
                 transactional_id: self.transactional_id.clone(),
                 source: e,
@@ -737,6 +743,40 @@ mod tests {
                 if *transactional_id == config.transactional_id()),
             "{aborted:?}"
         );
+        Ok(())
+    }
+
+    /// A permission the coordinator refuses (here the group's: `GROUP_AUTHORIZATION_FAILED` on
+    /// `AddOffsetsToTxn`, which librdkafka flags abortable) is a refusal every later
+    /// transaction would meet too: it fails as [`Error::Refused`], fatal, so that the loop
+    /// stops instead of aborting every commit interval. The refused outputs' case, against the
+    /// real broker: `an_output_too_large_for_its_topic_stops_the_instance_and_a_restart_goes_on`
+    /// in `integration-tests/tests/exactly_once.rs`.
+    #[test]
+    fn a_missing_group_permission_is_a_refusal_not_an_abort_to_repeat()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(1)?;
+        let app = "group-authorization";
+        let config = mock_config(&mock, app, Duration::from_secs(30)).build()?;
+        mock.create_topic("in", 1, 1)?;
+        let consumer = group_consumer(&mock, app)?;
+        let offsets = BTreeMap::from([(("in".to_owned(), 0), 42)]);
+        let group = consumer.group_metadata().ok_or("no group metadata")?;
+
+        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
+        producer.begin()?;
+        mock.request_errors(
+            rdkafka::types::RDKafkaApiKey::AddOffsetsToTxn,
+            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED],
+        );
+        let sent = producer.send_offsets(&offsets, group);
+        assert!(
+            matches!(&sent, Err(e @ Error::Refused { operation: "send_offsets_to_transaction", .. })
+                if e.class() == ErrorClass::Fatal && e.to_string().contains("READ on the group")),
+            "{sent:?}"
+        );
+        // What the loop does before it stops: the abort succeeds and keeps nothing open.
+        producer.abort()?;
         Ok(())
     }
 

@@ -13,9 +13,9 @@ use onceflow::dead_letter;
 use onceflow::testkit::{Isolation, Kafka, KafkaOptions};
 use onceflow::{Output, OutputRecord, Pipeline, ProcessError, Processor, Record};
 use onceflow_integration_tests::{
-    Event, Running, aborted_copies, enrich, events, init_tracing, produce_events, produce_raw,
-    read, test_config, transactional_producer, unique, verify, wait_caught_up, wait_count,
-    wait_progress,
+    Event, Running, aborted_copies, enrich, events, init_tracing, offsets, produce_events,
+    produce_raw, read, test_config, transactional_producer, unique, verify, wait_caught_up,
+    wait_count, wait_progress,
 };
 
 const CATCH_UP: Duration = Duration::from_secs(120);
@@ -999,6 +999,162 @@ async fn an_instance_idle_past_the_transactional_id_expiration_goes_on_exactly_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_instance_whose_next_transactions_carry_only_offsets_goes_on() {
     idle_past_the_transactional_id_expiration("eos-idle-expiry-offsets", false).await;
+}
+
+/// What makes the broker refuse the output of one input record, for
+/// [`an_output_the_broker_refuses_stops_the_instance`].
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    /// A 200 KB output to a topic whose `max.message.bytes` is 64 KiB (`MSG_SIZE_TOO_LARGE`).
+    TooLarge,
+    /// An output without a key to a compacted topic (`INVALID_RECORD`).
+    NoKeyOnACompactedTopic,
+}
+
+impl Refusal {
+    fn output_topic_configs(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::TooLarge => &[("max.message.bytes", "65536")],
+            Self::NoKeyOnACompactedTopic => &[("cleanup.policy", "compact")],
+        }
+    }
+}
+
+/// Emits `enrich(event)` keyed by user, except for event `refused`, whose output the broker
+/// refuses (see [`Refusal`]).
+struct EmitsOneRefused {
+    out: String,
+    refused: Option<(u64, Refusal)>,
+}
+
+#[onceflow::async_trait]
+impl Processor for EmitsOneRefused {
+    type Input = Event;
+
+    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
+        let record = OutputRecord::to(&self.out);
+        out.send(match self.refused {
+            Some((id, Refusal::TooLarge)) if id == r.value.id => {
+                record.key(r.value.user.as_str()).value(vec![b'x'; 200_000])
+            }
+            Some((id, Refusal::NoKeyOnACompactedTopic)) if id == r.value.id => {
+                record.json(&enrich(&r.value))?
+            }
+            _ => record.key(r.value.user.as_str()).json(&enrich(&r.value))?,
+        });
+        Ok(())
+    }
+}
+
+/// An output record the broker refuses — and would refuse again however often it is produced
+/// again — must stop the instance with an error that says so, not abort and process the same
+/// records again every commit interval for ever (librdkafka flags these refusals abortable).
+/// Nothing may be lost or doubled: what was committed before stays exactly once, the refused
+/// transaction is aborted (read_uncommitted shows its records), the group's offset stays
+/// before the refused record, and once the cause is gone (here: a processor that no longer
+/// emits it) a restart carries on exactly once.
+async fn an_output_the_broker_refuses_stops_the_instance(name: &str, refusal: Refusal) {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    let t = Topics {
+        input: unique(&format!("{name}-in")),
+        output: unique(&format!("{name}-out")),
+        app: unique(&format!("{name}-app")),
+    };
+    // One input partition, so that an input's offset is its id.
+    kafka
+        .create_topic(&t.input, 1, 1)
+        .await
+        .expect("input topic");
+    kafka
+        .create_topic_with(&t.output, 3, 1, refusal.output_topic_configs())
+        .await
+        .expect("output topic");
+    let input = events(1_500, 29);
+    let refused_id = 1_250;
+    let config = || {
+        test_config(kafka, &t.app, "0", &t.input)
+            // Batches under the 64 KiB limit, so that only the refused record is too large.
+            .producer_property("batch.size", "16384")
+            .build()
+            .expect("config")
+    };
+
+    let running = Running::start(Pipeline::new(
+        config(),
+        EmitsOneRefused {
+            out: t.output.clone(),
+            refused: Some((refused_id, refusal)),
+        },
+    ));
+    produce_events(kafka, &t.input, &input[..1_000]).await;
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    produce_events(kafka, &t.input, &input[1_000..]).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(60), running.handle)
+        .await
+        .expect("the instance stops by itself")
+        .expect("task");
+    let err = stopped.expect_err("a refused output must stop the instance");
+    assert!(
+        matches!(err, onceflow::Error::Refused { .. }),
+        "{refusal:?}: expected Error::Refused, got: {err}"
+    );
+    assert_eq!(err.class(), onceflow::error::ErrorClass::Fatal);
+
+    let (_, group) = offsets(kafka, &t.app, &t.input).await.expect("offsets");
+    let at = group
+        .get(&0)
+        .copied()
+        .flatten()
+        .expect("a committed offset");
+    assert!(
+        (1_000..=refused_id as i64).contains(&at),
+        "the group's offset {at} must be past the first 1,000 and not past the refused record"
+    );
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    let upto = usize::try_from(at).expect("offset");
+    verify(&input[..upto], &committed, 3).assert_exactly_once();
+    let uncommitted = read(kafka, &t.output, Isolation::ReadUncommitted).await;
+    assert!(
+        uncommitted.len() > committed.len(),
+        "the refused transaction's other records must show under read_uncommitted: {} against \
+         {} committed",
+        uncommitted.len(),
+        committed.len()
+    );
+
+    // The cause fixed, the same instance restarts and carries on.
+    let running = Running::start(Pipeline::new(
+        config(),
+        EmitsOneRefused {
+            out: t.output.clone(),
+            refused: None,
+        },
+    ));
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    running.stop().await;
+    let after = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &after, 3).assert_exactly_once();
+    println!(
+        "{refusal:?}: stopped with \"{err}\"; {} of 1,500 inputs committed then ({} outputs \
+         under read_uncommitted), all 1,500 exactly once after the restart",
+        committed.len(),
+        uncommitted.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_too_large_for_its_topic_stops_the_instance_and_a_restart_goes_on() {
+    an_output_the_broker_refuses_stops_the_instance("eos-too-large", Refusal::TooLarge).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_without_a_key_on_a_compacted_topic_stops_the_instance_and_a_restart_goes_on() {
+    an_output_the_broker_refuses_stops_the_instance(
+        "eos-no-key-compacted",
+        Refusal::NoKeyOnACompactedTopic,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
