@@ -678,6 +678,26 @@ mod tests {
             .create()?)
     }
 
+    /// Begins a transaction on a new producer of instance "0" of `app` on `mock` and sends it
+    /// offsets, whose registration (`AddOffsetsToTxn`) the coordinator answers with `refusal`.
+    /// Returns the producer and what `send_offsets` returned.
+    fn offsets_refused_with(
+        mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        app: &str,
+        refusal: rdkafka::types::RDKafkaRespErr,
+    ) -> Result<(TxProducer, Result<(), Error>), Box<dyn std::error::Error>> {
+        let config = mock_config(mock, app, Duration::from_secs(30)).build()?;
+        mock.create_topic("in", 1, 1)?;
+        let consumer = group_consumer(mock, app)?;
+        let offsets = BTreeMap::from([(("in".to_owned(), 0), 42)]);
+        let group = consumer.group_metadata().ok_or("no group metadata")?;
+        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
+        producer.begin()?;
+        mock.request_errors(rdkafka::types::RDKafkaApiKey::AddOffsetsToTxn, &[refusal]);
+        let sent = producer.send_offsets(&offsets, group);
+        Ok((producer, sent))
+    }
+
     fn send_some(producer: &TxProducer) -> Result<(), Box<dyn std::error::Error>> {
         for i in 0..10u8 {
             let record = OutputRecord::to("out").value(vec![i]);
@@ -719,20 +739,11 @@ mod tests {
     fn an_abort_after_the_coordinator_forgot_the_producer_id_retires_the_producer()
     -> Result<(), Box<dyn std::error::Error>> {
         let mock = MockCluster::new(1)?;
-        let app = "producer-id-unknown";
-        let config = mock_config(&mock, app, Duration::from_secs(30)).build()?;
-        mock.create_topic("in", 1, 1)?;
-        let consumer = group_consumer(&mock, app)?;
-        let offsets = BTreeMap::from([(("in".to_owned(), 0), 42)]);
-        let group = consumer.group_metadata().ok_or("no group metadata")?;
-
-        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
-        producer.begin()?;
-        mock.request_errors(
-            rdkafka::types::RDKafkaApiKey::AddOffsetsToTxn,
-            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_ID_MAPPING],
-        );
-        let sent = producer.send_offsets(&offsets, group);
+        let (producer, sent) = offsets_refused_with(
+            &mock,
+            "producer-id-unknown",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_PRODUCER_ID_MAPPING,
+        )?;
         assert!(
             matches!(&sent, Err(e) if e.class() == ErrorClass::Abortable),
             "{sent:?}"
@@ -740,7 +751,7 @@ mod tests {
         let aborted = producer.abort();
         assert!(
             matches!(&aborted, Err(Error::ProducerIdUnknown { transactional_id })
-                if *transactional_id == config.transactional_id()),
+                if transactional_id == producer.transactional_id()),
             "{aborted:?}"
         );
         Ok(())
@@ -756,20 +767,11 @@ mod tests {
     fn a_missing_group_permission_is_a_refusal_not_an_abort_to_repeat()
     -> Result<(), Box<dyn std::error::Error>> {
         let mock = MockCluster::new(1)?;
-        let app = "group-authorization";
-        let config = mock_config(&mock, app, Duration::from_secs(30)).build()?;
-        mock.create_topic("in", 1, 1)?;
-        let consumer = group_consumer(&mock, app)?;
-        let offsets = BTreeMap::from([(("in".to_owned(), 0), 42)]);
-        let group = consumer.group_metadata().ok_or("no group metadata")?;
-
-        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
-        producer.begin()?;
-        mock.request_errors(
-            rdkafka::types::RDKafkaApiKey::AddOffsetsToTxn,
-            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED],
-        );
-        let sent = producer.send_offsets(&offsets, group);
+        let (producer, sent) = offsets_refused_with(
+            &mock,
+            "group-authorization",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
+        )?;
         assert!(
             matches!(&sent, Err(e @ Error::Refused { operation: "send_offsets_to_transaction", .. })
                 if e.class() == ErrorClass::Fatal && e.to_string().contains("READ on the group")),
