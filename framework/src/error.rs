@@ -311,7 +311,26 @@ pub(crate) fn refusal_hint(error: &KafkaError) -> Option<&'static str> {
     let KafkaError::Transaction(e) = error else {
         return None;
     };
-    Some(match e.code() {
+    hint_for(e.code())
+}
+
+/// What a consumer error means when it is a permission the broker refuses (reading an input
+/// topic, joining the group), or `None` for any other consumer error — those are logged and
+/// polled past, because librdkafka retries them itself.
+///
+/// Why stop: the consumer keeps asking and the broker keeps refusing, so the pipeline would sit
+/// idle for ever, with a warning at every poll.
+pub(crate) fn consumer_refusal_hint(error: &KafkaError) -> Option<&'static str> {
+    match error.rdkafka_error_code()? {
+        code @ (RDKafkaErrorCode::TopicAuthorizationFailed
+        | RDKafkaErrorCode::GroupAuthorizationFailed) => hint_for(code),
+        _ => None,
+    }
+}
+
+/// The hint of each refusal the broker would repeat on every retry (see [`classify`]).
+fn hint_for(code: RDKafkaErrorCode) -> Option<&'static str> {
+    Some(match code {
         RDKafkaErrorCode::MessageSizeTooLarge => {
             "a batch of output records is larger than its topic's max.message.bytes: keep the \
              producer's batch.size and message.max.bytes under the topic's limit, or \
@@ -327,11 +346,12 @@ pub(crate) fn refusal_hint(error: &KafkaError) -> Option<&'static str> {
              timestamp unless the processor sets one"
         }
         RDKafkaErrorCode::TopicAuthorizationFailed => {
-            "this instance's principal may not write an output topic (or read the input)"
+            "this instance's principal may not write an output topic or read an input topic \
+             (WRITE on the outputs, READ on the inputs)"
         }
         RDKafkaErrorCode::GroupAuthorizationFailed => {
-            "this instance's principal may not commit offsets for the consumer group \
-             (READ on the group, named by application_id)"
+            "this instance's principal may not use the consumer group (READ on the group, \
+             named by application_id)"
         }
         RDKafkaErrorCode::ClusterAuthorizationFailed => {
             "this instance's principal lacks a cluster permission (IDEMPOTENT_WRITE on brokers \

@@ -997,7 +997,18 @@ where
                 true
             }
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "consumer error");
+                if let Some(hint) = crate::error::consumer_refusal_hint(&e) {
+                    defer(
+                        shared,
+                        Step::Stop(Error::Refused {
+                            operation: "consuming the input topics",
+                            hint,
+                            source: e,
+                        }),
+                    );
+                } else {
+                    tracing::warn!(error = %e, "consumer error");
+                }
                 false
             }
             None => false,
@@ -2571,5 +2582,61 @@ mod tests {
             Vec::with_capacity(MAX_SPARE_CAPACITY + 1),
         );
         assert!(spare.outputs.is_empty());
+    }
+
+    /// Copies each input text to "out"; the pipeline test below never gets a record.
+    struct Copy;
+
+    #[async_trait::async_trait]
+    impl Processor for Copy {
+        type Input = String;
+
+        async fn process(
+            &self,
+            r: &Record<String>,
+            out: &mut Output,
+        ) -> Result<(), crate::ProcessError> {
+            out.send(OutputRecord::to("out").value(r.value.as_str()));
+            Ok(())
+        }
+    }
+
+    /// An input topic this instance may not read (`TOPIC_AUTHORIZATION_FAILED`, injected into
+    /// the mock cluster's metadata; fault injection only) stops the pipeline with
+    /// [`Error::Refused`]. librdkafka reports it as a consumer error at every poll and keeps
+    /// asking, so without the stop the pipeline would sit idle for ever, warning.
+    #[test]
+    fn an_input_topic_the_instance_may_not_read_stops_the_pipeline()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = rdkafka::mocking::MockCluster::new(1)?;
+        mock.create_topic("in", 1, 1)?;
+        mock.create_topic("out", 1, 1)?;
+        mock.topic_error(
+            "in",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )?;
+        let config = PipelineConfig::builder()
+            .bootstrap_servers(mock.bootstrap_servers())
+            .application_id("input-acl")
+            .instance_id("0")
+            .input_topic("in")
+            .build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let result = runtime.block_on(async {
+            let pipeline = crate::Pipeline::new(config, Copy).with_codec(crate::codec::Utf8);
+            tokio::time::timeout(Duration::from_secs(30), pipeline.run()).await
+        });
+        assert!(
+            matches!(
+                &result,
+                Ok(Err(e @ Error::Refused { operation: "consuming the input topics", .. }))
+                    if e.class() == ErrorClass::Fatal && e.to_string().contains("READ on the inputs")
+            ),
+            "{result:?}"
+        );
+        Ok(())
     }
 }
