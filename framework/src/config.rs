@@ -156,6 +156,17 @@ impl PipelineConfig {
     pub fn dead_letter_topic(&self) -> Option<&str> {
         self.dead_letter_topic.as_deref()
     }
+
+    /// Whether the consumer may have the broker create a missing input topic
+    /// (`allow.auto.create.topics=true`, off by default). Without it a pipeline checks at
+    /// start-up that its input topics exist.
+    pub(crate) fn allows_auto_created_topics(&self) -> bool {
+        // The consumer's own properties override the shared ones (see `consumer::create`).
+        self.consumer_properties
+            .get("allow.auto.create.topics")
+            .or_else(|| self.kafka_properties.get("allow.auto.create.topics"))
+            .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+    }
 }
 
 impl fmt::Debug for PipelineConfig {

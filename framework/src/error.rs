@@ -181,12 +181,14 @@ pub enum Error {
     /// cause is fixed a restart processes those records again, exactly once.
     ///
     /// librdkafka flags most of these abortable. Which refusals count is listed at
-    /// [`classify`].
+    /// [`classify`]; the consumer's (an input topic it may not read, a group it may not use)
+    /// stop a pipeline too, at start-up or while it runs, and the offset toolkit reports a
+    /// topic it may not describe with this error as well.
     #[error(
         "{operation} failed on a refusal the broker would repeat on every retry ({hint}). \
-         Stopping instead of aborting and processing the same records again for ever: \
-         nothing since the last commit is visible to read_committed readers, and a restart \
-         after the cause is fixed processes it again. Cause: {source}"
+         onceflow stops instead of retrying for ever; a pipeline loses nothing by it: nothing \
+         since its last commit is visible to read_committed readers, and a restart after the \
+         cause is fixed processes it again. Cause: {source}"
     )]
     Refused {
         /// What was being done, e.g. "commit_transaction".
@@ -211,7 +213,8 @@ pub enum Error {
         source: KafkaError,
     },
 
-    /// A topic does not exist.
+    /// A topic does not exist. A pipeline checks its input topics at start-up, unless its
+    /// consumer may have the broker create them (`allow.auto.create.topics=true`).
     #[error("topic {topic} does not exist (or has no partitions)")]
     MissingTopic {
         /// The topic.

@@ -11,7 +11,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -85,10 +87,14 @@ pub struct PartitionOffsets {
     pub lag: Option<i64>,
 }
 
-/// Partitions of `topic` (sorted), with clear errors for an unreachable cluster and a missing
-/// topic. Shared with [`crate::verify`].
-pub(crate) fn partitions(
-    client: &BaseConsumer<QuietContext>,
+/// Partitions of `topic` (sorted), with clear errors for an unreachable cluster, a topic this
+/// client may not describe and a missing topic. Shared with [`crate::verify`] and with the
+/// pipeline's start-up check of its input topics.
+///
+/// The metadata request never creates the topic: `client` is a consumer, whose
+/// `allow.auto.create.topics` is off unless its configuration turns it on.
+pub(crate) fn partitions<C: ConsumerContext>(
+    client: &BaseConsumer<C>,
     bootstrap_servers: &str,
     topic: &str,
 ) -> Result<Vec<i32>, Error> {
@@ -98,7 +104,18 @@ pub(crate) fn partitions(
             bootstrap_servers: bootstrap_servers.to_owned(),
             source,
         })?;
-    match md.topics().iter().find(|t| t.name() == topic) {
+    let found = md.topics().iter().find(|t| t.name() == topic);
+    if let Some(code) = found.and_then(|t| t.error()).map(RDKafkaErrorCode::from) {
+        let source = KafkaError::MetadataFetch(code);
+        if let Some(hint) = crate::error::consumer_refusal_hint(&source) {
+            return Err(Error::Refused {
+                operation: "reading a topic's metadata",
+                hint,
+                source,
+            });
+        }
+    }
+    match found {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
             let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
             ps.sort_unstable();

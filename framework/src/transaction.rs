@@ -767,6 +767,14 @@ where
     });
     let consumer: PipelineConsumer<P, C> =
         crate::consumer::create(&shared.config, RebalanceContext::new(Arc::clone(&shared)))?;
+    // A missing input topic is a mistake to report, not to wait out: subscribed to it, the
+    // consumer would sit idle for ever, warning at every poll (Kafka Streams stops at start-up
+    // too). Unless the application lets the subscription create it.
+    if !shared.config.allows_auto_created_topics() {
+        for topic in &shared.config.input_topics {
+            crate::offsets::partitions(&consumer, &shared.config.bootstrap_servers, topic)?;
+        }
+    }
     let topics: Vec<&str> = shared
         .config
         .input_topics
@@ -2601,41 +2609,93 @@ mod tests {
         }
     }
 
-    /// An input topic this instance may not read (`TOPIC_AUTHORIZATION_FAILED`, injected into
-    /// the mock cluster's metadata; fault injection only) stops the pipeline with
-    /// [`Error::Refused`]. librdkafka reports it as a consumer error at every poll and keeps
-    /// asking, so without the stop the pipeline would sit idle for ever, warning.
-    #[test]
-    fn an_input_topic_the_instance_may_not_read_stops_the_pipeline()
-    -> Result<(), Box<dyn std::error::Error>> {
-        let mock = rdkafka::mocking::MockCluster::new(1)?;
-        mock.create_topic("in", 1, 1)?;
-        mock.create_topic("out", 1, 1)?;
-        mock.topic_error(
-            "in",
-            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
-        )?;
-        let config = PipelineConfig::builder()
+    /// Runs a pipeline of instance "0" of `app` on `mock` over input "in" (with the consumer's
+    /// `extra` properties) until it stops, for at most 30 s; `meanwhile` runs once it started.
+    fn run_on_mock(
+        mock: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        app: &str,
+        extra: &[(&str, &str)],
+        meanwhile: impl FnOnce(),
+    ) -> Result<Result<crate::RunSummary, Error>, Box<dyn std::error::Error>> {
+        let mut config = PipelineConfig::builder()
             .bootstrap_servers(mock.bootstrap_servers())
-            .application_id("input-acl")
+            .application_id(app)
             .instance_id("0")
-            .input_topic("in")
-            .build()?;
+            .input_topic("in");
+        for (k, v) in extra {
+            config = config.consumer_property(*k, *v);
+        }
+        let config = config.build()?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()?;
         let result = runtime.block_on(async {
             let pipeline = crate::Pipeline::new(config, Copy).with_codec(crate::codec::Utf8);
-            tokio::time::timeout(Duration::from_secs(30), pipeline.run()).await
+            let running = tokio::spawn(pipeline.run());
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            meanwhile();
+            tokio::time::timeout(Duration::from_secs(30), running).await
         });
+        Ok(result??)
+    }
+
+    /// An input topic that does not exist stops the pipeline at start-up with
+    /// [`Error::MissingTopic`]; subscribed to it, the consumer would sit idle for ever. Only
+    /// with `allow.auto.create.topics` does the pipeline leave it to the subscription.
+    #[test]
+    fn a_missing_input_topic_stops_the_pipeline_at_start_up()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = rdkafka::mocking::MockCluster::new(1)?;
+        let result = run_on_mock(&mock, "missing-input", &[], || {})?;
+        assert!(
+            matches!(&result, Err(Error::MissingTopic { topic }) if topic == "in"),
+            "{result:?}"
+        );
+        Ok(())
+    }
+
+    /// An input topic this instance may not read stops the pipeline with [`Error::Refused`]:
+    /// at start-up, and when the refusal comes while it runs (both injected into the mock
+    /// cluster's metadata: `TOPIC_AUTHORIZATION_FAILED`; fault injection only). librdkafka
+    /// reports the second as a consumer error at every poll and keeps asking, so without the
+    /// rule the pipeline would sit idle for ever, warning.
+    #[test]
+    fn an_input_topic_the_instance_may_not_read_stops_the_pipeline()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let refused = rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+        let mock = rdkafka::mocking::MockCluster::new(1)?;
+        mock.create_topic("in", 1, 1)?;
+        mock.topic_error("in", refused)?;
+        let at_start = run_on_mock(&mock, "input-acl-at-start", &[], || {})?;
         assert!(
             matches!(
-                &result,
-                Ok(Err(e @ Error::Refused { operation: "consuming the input topics", .. }))
+                &at_start,
+                Err(e @ Error::Refused { operation: "reading a topic's metadata", .. })
                     if e.class() == ErrorClass::Fatal && e.to_string().contains("READ on the inputs")
             ),
-            "{result:?}"
+            "{at_start:?}"
+        );
+
+        let mock = rdkafka::mocking::MockCluster::new(1)?;
+        mock.create_topic("in", 1, 1)?;
+        // The consumer asks for the topic's metadata again every 500 ms, and so meets the
+        // refusal while it runs.
+        let while_running = run_on_mock(
+            &mock,
+            "input-acl-while-running",
+            &[("topic.metadata.refresh.interval.ms", "500")],
+            || {
+                let _ = mock.topic_error("in", refused);
+            },
+        )?;
+        assert!(
+            matches!(
+                &while_running,
+                Err(e @ Error::Refused { operation: "consuming the input topics", .. })
+                    if e.class() == ErrorClass::Fatal
+            ),
+            "{while_running:?}"
         );
         Ok(())
     }

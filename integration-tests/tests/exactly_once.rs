@@ -1157,6 +1157,28 @@ async fn an_output_without_a_key_on_a_compacted_topic_stops_the_instance_and_a_r
     .await;
 }
 
+/// A pipeline whose input topic does not exist (a typo, a topic not yet provisioned) stops at
+/// start-up with `Error::MissingTopic` instead of sitting subscribed to nothing for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_whose_input_topic_does_not_exist_stops_at_start_up() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    let input = unique("eos-missing-in");
+    let config = test_config(kafka, &unique("eos-missing-app"), "0", &input)
+        .build()
+        .expect("config");
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        Pipeline::new(config, Enrich::new("eos-missing-out", "0")).run(),
+    )
+    .await
+    .expect("the pipeline stops by itself");
+    assert!(
+        matches!(&result, Err(onceflow::Error::MissingTopic { topic }) if *topic == input),
+        "{result:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_commits_outputs_with_offsets_and_forced_stop_aborts() {
     init_tracing();
