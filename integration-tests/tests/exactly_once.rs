@@ -78,6 +78,17 @@ struct Topics {
 }
 
 async fn setup(kafka: &Kafka, name: &str, input_partitions: i32, output_partitions: i32) -> Topics {
+    setup_with(kafka, name, input_partitions, output_partitions, &[]).await
+}
+
+/// [`setup`] with topic configs for the output topic.
+async fn setup_with(
+    kafka: &Kafka,
+    name: &str,
+    input_partitions: i32,
+    output_partitions: i32,
+    output_configs: &[(&str, &str)],
+) -> Topics {
     let t = Topics {
         input: unique(&format!("{name}-in")),
         output: unique(&format!("{name}-out")),
@@ -88,7 +99,7 @@ async fn setup(kafka: &Kafka, name: &str, input_partitions: i32, output_partitio
         .await
         .expect("input topic");
     kafka
-        .create_topic(&t.output, output_partitions, 1)
+        .create_topic_with(&t.output, output_partitions, 1, output_configs)
         .await
         .expect("output topic");
     t
@@ -1056,20 +1067,8 @@ impl Processor for EmitsOneRefused {
 async fn an_output_the_broker_refuses_stops_the_instance(name: &str, refusal: Refusal) {
     init_tracing();
     let kafka = Kafka::shared().await.expect("broker");
-    let t = Topics {
-        input: unique(&format!("{name}-in")),
-        output: unique(&format!("{name}-out")),
-        app: unique(&format!("{name}-app")),
-    };
     // One input partition, so that an input's offset is its id.
-    kafka
-        .create_topic(&t.input, 1, 1)
-        .await
-        .expect("input topic");
-    kafka
-        .create_topic_with(&t.output, 3, 1, refusal.output_topic_configs())
-        .await
-        .expect("output topic");
+    let t = setup_with(kafka, name, 1, 3, refusal.output_topic_configs()).await;
     let input = events(1_500, 29);
     let refused_id = 1_250;
     let config = || {
