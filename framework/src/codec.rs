@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
+use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -86,39 +87,90 @@ where
     }
 }
 
-/// A per-thread scratch buffer larger than this is dropped after use, so one huge value does
-/// not keep its memory alive on every thread that ever encoded one.
-const SCRATCH_KEEP: usize = 64 * 1024;
+/// The size of the blocks [`encode_json`] writes output values into.
+const OUTPUT_BLOCK: usize = 32 * 1024;
 
-/// `value` as JSON, in a vector of exactly its length. What [`OutputRecord::json`] uses.
+/// A value is started in the current block only if the block has this much room left; with
+/// less, a new block is started. (Most values then fit where they start; one that does not is
+/// moved out as it grows, see [`encode_json`].)
+const OUTPUT_ROOM: usize = OUTPUT_BLOCK / 8;
+
+/// `value` as JSON, written straight into a per-thread block shared with the thread's
+/// neighbouring values. What [`OutputRecord::json`] uses.
 ///
 /// Why not `serde_json::to_vec`: it grows its vector from empty, doubling — eight reallocations
 /// for a 1 KiB value, each of which may move the bytes written so far. In the transaction loop
 /// every output of a batch stays alive until the batch is produced, so the allocator can seldom
 /// grow one in place: a `perf` profile of the benchmark's worker at 1 KiB put `realloc` alone at
 /// ~0.19 CPU µs per record, against ~0.03 for the at-least-once copy loop, whose one output at
-/// a time is freed before the next. Here the value is written into a per-thread scratch buffer
-/// that keeps its capacity between calls, then copied once into an allocation of the right
-/// size, while the bytes are still in cache (the worker thread: ~2.57 → ~2.33 µs per record).
+/// a time is freed before the next.
+///
+/// Why not one exact allocation per value either (what this did until the blocks): a 1 KiB
+/// record's output is ~1,040 bytes, just over the 1,032 bytes glibc's per-thread cache holds,
+/// and a batch frees hundreds of them at once, so every allocation and free took the arena's
+/// slow paths (`perf`: glibc's allocator 0.45 CPU µs per record on the worker against 0.19 for
+/// the at-least-once copy loop; docs/benchmarks-journal.md). In a block, values cost one
+/// allocation per few dozen and a reference count each, and are written in place, without the
+/// copy out of a scratch buffer.
+///
+/// A block is freed when the last value written into it is dropped. A value that outgrows its
+/// block's room is moved by `BytesMut` into a new buffer of at least a block; if what is left
+/// of that buffer is larger than a block (after a value of hundreds of kilobytes), it is let go
+/// rather than kept for later values, so one huge value does not keep its memory alive on every
+/// thread that ever encoded one.
 ///
 /// [`OutputRecord::json`]: crate::OutputRecord::json
-pub(crate) fn encode_json<V: Serialize + ?Sized>(value: &V) -> serde_json::Result<Vec<u8>> {
+pub(crate) fn encode_json<V: Serialize + ?Sized>(value: &V) -> serde_json::Result<Bytes> {
     thread_local! {
-        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        static BLOCK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
     }
-    SCRATCH.with(|scratch| {
+    BLOCK.with(|block| {
         // Taken already only if a `Serialize` impl encodes another value itself: that inner
         // call pays the plain way rather than panic.
-        let Ok(mut buf) = scratch.try_borrow_mut() else {
-            return serde_json::to_vec(value);
+        let Ok(mut block) = block.try_borrow_mut() else {
+            return serde_json::to_vec(value).map(Bytes::from);
         };
-        buf.clear();
-        let encoded = serde_json::to_writer(&mut *buf, value).map(|()| buf.to_vec());
-        if buf.capacity() > SCRATCH_KEEP {
-            *buf = Vec::new();
+        // After a `split` the view is empty, and its capacity is the block's unused rest.
+        if block.capacity() < OUTPUT_ROOM {
+            *block = BytesMut::with_capacity(OUTPUT_BLOCK);
         }
-        encoded
+        if let Err(e) = serde_json::to_writer(BlockWriter(&mut block), value) {
+            // The bytes written before the failure are overwritten by the next value.
+            block.clear();
+            return Err(e);
+        }
+        let encoded = block.split().freeze();
+        if block.capacity() > OUTPUT_BLOCK {
+            *block = BytesMut::new();
+        }
+        Ok(encoded)
     })
+}
+
+/// Appends to a block as `Vec<u8>`'s `Write` does: every slice whole, in one call.
+///
+/// Why not `BufMut::writer`: its `write` takes what fits and `write_all` loops around it, which
+/// `perf` put at ~0.1 CPU µs per 1 KiB output in `put_slice` and `write_all` on top of the
+/// serializer (serde_json writes a string in many small slices).
+struct BlockWriter<'a>(&'a mut BytesMut);
+
+impl std::io::Write for BlockWriter<'_> {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.0.extend_from_slice(buf);
+        Ok(())
+    }
+
+    #[inline]
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -141,23 +193,58 @@ mod tests {
         assert_eq!(tomb, None);
     }
 
+    #[derive(serde::Serialize)]
+    struct Out<'a> {
+        id: u64,
+        pad: &'a str,
+    }
+
+    fn out(pad: &str) -> Out<'_> {
+        Out { id: 7, pad }
+    }
+
     #[test]
-    fn encode_json_writes_what_serde_json_writes_in_an_exact_allocation() {
-        #[derive(serde::Serialize)]
-        struct Out<'a> {
-            id: u64,
-            pad: &'a str,
-        }
-        // Small, then large (past the scratch's keep limit), then small again: each result
-        // stands alone, whatever the scratch held before.
-        for len in [10, 1_000, 100_000, 3] {
+    fn encode_json_writes_what_serde_json_writes() {
+        // Small, then large (past a block), then small again: each result stands alone,
+        // whatever the block held before.
+        for len in [10, 1_000, 5_000, 100_000, 3] {
             let pad = "x".repeat(len);
-            let value = Out { id: 7, pad: &pad };
-            let bytes = encode_json(&value).unwrap();
-            assert_eq!(bytes, serde_json::to_vec(&value).unwrap());
-            assert_eq!(bytes.capacity(), bytes.len());
+            let bytes = encode_json(&out(&pad)).unwrap();
+            assert_eq!(bytes, serde_json::to_vec(&out(&pad)).unwrap());
         }
-        // A value serde_json refuses is an error, not a panic.
+    }
+
+    #[test]
+    fn neighbouring_outputs_share_a_block_and_a_huge_one_does_not_keep_its_buffer_for_others() {
+        let pad = "y".repeat(1_000);
+        let a = encode_json(&out(&pad)).unwrap();
+        let b = encode_json(&out(&pad)).unwrap();
+        // One block: the second value starts where the first ends.
+        assert_eq!(b.as_ptr(), a.as_ptr().wrapping_add(a.len()));
+
+        // A failed value leaves nothing behind: the next one starts where it started.
+        let mut bad = std::collections::HashMap::new();
+        bad.insert(vec![1u8], 1);
+        assert!(encode_json(&bad).is_err());
+        let c = encode_json(&out(&pad)).unwrap();
+        assert_eq!(c.as_ptr(), b.as_ptr().wrapping_add(b.len()));
+
+        // A value that outgrows its block moves out; after one far larger than a block, the
+        // next value is written into a new block, not into the rest of the huge one's buffer.
+        let huge_pad = "z".repeat(10 * OUTPUT_BLOCK);
+        let huge = encode_json(&out(&huge_pad)).unwrap();
+        assert_eq!(huge, serde_json::to_vec(&out(&huge_pad)).unwrap());
+        let d = encode_json(&out(&pad)).unwrap();
+        assert_ne!(d.as_ptr(), huge.as_ptr().wrapping_add(huge.len()));
+        let e = encode_json(&out(&pad)).unwrap();
+        assert_eq!(e.as_ptr(), d.as_ptr().wrapping_add(d.len()));
+        for v in [&a, &b, &c, &d, &e] {
+            assert_eq!(v[..], serde_json::to_vec(&out(&pad)).unwrap()[..]);
+        }
+    }
+
+    #[test]
+    fn a_value_serde_json_refuses_is_an_error_not_a_panic() {
         let mut bad = std::collections::HashMap::new();
         bad.insert(vec![1u8], 1);
         assert!(encode_json(&bad).is_err());
@@ -175,7 +262,7 @@ mod tests {
 
     #[test]
     fn encode_json_inside_encode_json_does_not_panic() {
-        assert_eq!(encode_json(&Nested).unwrap(), b"[91,49,44,50,93]");
+        assert_eq!(encode_json(&Nested).unwrap(), &b"[91,49,44,50,93]"[..]);
     }
 
     #[test]

@@ -61,9 +61,8 @@ pub(crate) fn record(
     if let Some(k) = original.key() {
         out = out.key(k);
     }
-    if let Some(v) = original.payload() {
-        out = out.value(v);
-    }
+    // Shared with the input record, not copied.
+    out.value.clone_from(&original.payload);
     out.headers = original.headers().clone();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

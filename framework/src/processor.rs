@@ -50,6 +50,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 /// The lineage header onceflow adds to every output record (unless
 /// [`stamp_source(false)`](crate::PipelineConfigBuilder::stamp_source)): the input record it came
@@ -234,7 +235,9 @@ impl<T> Record<T> {
 pub struct OutputRecord {
     pub(crate) topic: Arc<str>,
     pub(crate) key: Option<Vec<u8>>,
-    pub(crate) value: Option<Vec<u8>>,
+    /// Shared, not copied: [`OutputRecord::json`] writes values into blocks several outputs
+    /// share (see `codec::encode_json`), and a dead letter shares its input's value.
+    pub(crate) value: Option<Bytes>,
     pub(crate) headers: Headers,
     pub(crate) partition: Option<i32>,
     pub(crate) timestamp: Option<i64>,
@@ -319,16 +322,16 @@ impl OutputRecord {
     /// Sets the value bytes.
     #[must_use]
     pub fn value(mut self, value: impl Into<Vec<u8>>) -> Self {
-        self.value = Some(value.into());
+        self.value = Some(Bytes::from(value.into()));
         self
     }
 
     /// Sets the value to `value` as JSON (the bytes `serde_json::to_vec` writes).
     ///
-    /// Cheaper than calling `serde_json::to_vec` yourself: the value is written into a
-    /// per-thread scratch buffer and copied once into an allocation of its exact size, instead
-    /// of growing a vector from empty (see `docs/benchmarks.md`). A value serde cannot encode
-    /// (a map with non-string keys, a failing `Serialize` impl) is a
+    /// Cheaper than calling `serde_json::to_vec` yourself: the value is written straight into
+    /// a per-thread block that neighbouring outputs share, instead of into a vector grown from
+    /// empty, allocated and freed per record (see `docs/benchmarks.md`). A value serde cannot
+    /// encode (a map with non-string keys, a failing `Serialize` impl) is a
     /// [fatal](ProcessError::fatal) error.
     pub fn json<V: Serialize + ?Sized>(mut self, value: &V) -> Result<Self, ProcessError> {
         let bytes = crate::codec::encode_json(value).map_err(ProcessError::fatal)?;

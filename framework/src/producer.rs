@@ -300,7 +300,7 @@ impl TxProducer {
             base = base.key(k.as_slice());
         }
         if let Some(v) = &record.value {
-            base = base.payload(v.as_slice());
+            base = base.payload(&v[..]);
         }
         if let Some(p) = record.partition {
             base = base.partition(p);
