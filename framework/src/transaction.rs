@@ -371,15 +371,19 @@ impl Intake {
     /// Why not at the first record: the loop would take it as a batch of one, and the next
     /// record too. Woken per record, the loop processed, produced and locked per record, and
     /// used more CPU per record than the single-threaded loop (docs/benchmarks.md).
-    fn push<M: rdkafka::Message>(&self, m: &M) {
+    ///
+    /// Returns whether the poller may poll the next record straight away: the buffer has room
+    /// for it and no seek waits (see [`poll_loop`]).
+    fn push<M: rdkafka::Message>(&self, m: &M) -> bool {
         let mut b = self.buffer();
         if b.is_stale(m) {
-            return;
+            return false;
         }
         b.push(m);
         if b.len() >= MAX_BATCH {
             self.wake_loop(&mut b);
         }
+        b.has_room() && b.pending_seeks.is_empty()
     }
 
     /// The poller found nothing more to poll: wakes the loop for what it buffered.
@@ -987,12 +991,20 @@ where
 {
     let mut wait = Duration::ZERO;
     let mut last_marker_check = Instant::now();
+    // Whether to look for pending seeks and room before the next poll. While records stream
+    // in, the push of the last one already looked, under the lock it took anyway: a record
+    // then costs one lock of the buffer, not three (the buffer's lock is the one the loop takes
+    // for every batch). A seek the loop schedules meanwhile is applied one poll later, and the
+    // record that poll returns is dropped on arrival if it is stale, as it would be anyway.
+    let mut look = true;
     while !intake.stop.load(Ordering::SeqCst) {
-        if let Err(e) = apply_pending_seeks(intake, consumer) {
-            defer(shared, Step::Stop(e));
-        }
-        if !intake.wait_for_room() {
-            continue;
+        if look {
+            if let Err(e) = apply_pending_seeks(intake, consumer) {
+                defer(shared, Step::Stop(e));
+            }
+            if !intake.wait_for_room() {
+                continue;
+            }
         }
         // Counted from before the poll: a record it returns moves the consumer's position
         // before it is in the buffer.
@@ -1001,7 +1013,7 @@ where
             Some(Ok(message)) => {
                 // One record at a time: a revocation served inside the next `poll` must find
                 // every earlier record in the buffer to drop it.
-                intake.push(&message);
+                look = !intake.push(&message);
                 true
             }
             Some(Err(e)) => {
@@ -1028,6 +1040,7 @@ where
             wait = Duration::ZERO;
             continue;
         }
+        look = true;
         wait = MAX_POLL_WAIT;
         intake.drained();
         if last_marker_check.elapsed() >= shared.config.commit_interval {
@@ -2397,8 +2410,8 @@ mod tests {
     #[test]
     fn records_of_a_partition_waiting_for_its_rewind_are_dropped_on_arrival() {
         let intake = Intake::new(true);
-        intake.push(&record(0, 5, 1));
-        intake.push(&record(1, 5, 1));
+        assert!(intake.push(&record(0, 5, 1)), "room, and no seek waits");
+        assert!(intake.push(&record(1, 5, 1)));
         {
             let mut b = intake.buffer();
             // The abort's rewind: partition 0 goes back to 5, and drops what it buffered.
@@ -2409,17 +2422,26 @@ mod tests {
             assert_eq!(b.pending_seeks[&("in".to_owned(), 0)], 4);
             assert_eq!(b.len(), 1);
         }
-        // Polled before the seek: from before the rewind, so dropped.
-        intake.push(&record(0, 6, 1));
-        intake.push(&record(1, 6, 1));
+        // Polled before the seek: from before the rewind, so dropped. Every push says the
+        // poller must look for the seek before it polls again.
+        assert!(!intake.push(&record(0, 6, 1)));
+        assert!(!intake.push(&record(1, 6, 1)));
         let mut b = intake.buffer();
         assert_eq!(b.partition_len(&("in".to_owned(), 0)), 0);
         assert_eq!(b.partition_len(&("in".to_owned(), 1)), 2);
         // Once the seek is applied, records are buffered again.
         b.pending_seeks.clear();
         drop(b);
-        intake.push(&record(0, 4, 1));
+        assert!(intake.push(&record(0, 4, 1)));
         assert_eq!(intake.buffer().partition_len(&("in".to_owned(), 0)), 1);
+    }
+
+    #[test]
+    fn a_push_that_fills_the_buffer_tells_the_poller_to_wait_for_room() {
+        let intake = Intake::new(true);
+        assert!(intake.push(&record(0, 0, MAX_BUFFERED_BYTES / 2)));
+        assert!(!intake.push(&record(0, 1, MAX_BUFFERED_BYTES / 2)));
+        assert!(!intake.buffer().has_room());
     }
 
     #[test]
