@@ -130,6 +130,17 @@ pub(crate) struct TxProducer {
     /// Set when the coordinator answered that it does not know this producer's id; the next
     /// successful [`TxProducer::abort`] then reports [`Error::ProducerIdUnknown`].
     id_unknown: AtomicBool,
+    /// The call that did not return (see [`watched`]) and how long it was waited for, once one
+    /// has not.
+    ///
+    /// Why every later call fails at once: librdkafka still holds the stuck call in progress and
+    /// refuses every other transactional call as conflicting with it ("Conflicting
+    /// send_offsets_to_transaction API call is already in progress"), an error the loop cannot
+    /// tell from any other and stops on. As [`Error::ProducerHung`] it is one the loop recovers
+    /// from by replacing the producer. The broker-bounce chaos test stopped that way: the
+    /// stuck call was [`Self::holds_its_id`]'s question, asked of the idle producer while the
+    /// other was replaced, and the next transaction began on the idle one.
+    hung: Mutex<Option<(&'static str, Duration)>>,
 }
 
 impl std::fmt::Debug for TxProducer {
@@ -206,6 +217,7 @@ impl TxProducer {
             call_timeout: config.transaction_timeout,
             uncommitted_since: Mutex::new(None),
             id_unknown: AtomicBool::new(false),
+            hung: Mutex::new(None),
         };
         producer.retrying("init_transactions", |p| {
             p.inner.init_transactions(p.call_timeout)
@@ -219,6 +231,7 @@ impl TxProducer {
     }
 
     pub(crate) fn begin(&self) -> Result<(), Error> {
+        self.refuse_if_hung()?;
         self.inner
             .context()
             .possibly_written
@@ -380,6 +393,7 @@ impl TxProducer {
         offsets: &BTreeMap<(String, i32), i64>,
         group: ConsumerGroupMetadata,
     ) -> Result<bool, Error> {
+        self.refuse_if_hung()?;
         self.inner
             .begin_transaction()
             .map_err(|e| self.error("begin_transaction", e))?;
@@ -396,8 +410,11 @@ impl TxProducer {
             Err(e) if e.is_fenced() => Ok(false),
             Err(e) => {
                 // Whatever it was, the producer is left with no transaction open if it can be;
-                // if it cannot, its next use fails and is recovered from as usual.
-                let _ = self.inner.abort_transaction(self.call_timeout);
+                // if it cannot (a hung question leaves it unusable), its next use fails and is
+                // recovered from as usual.
+                if !matches!(e, Error::ProducerHung { .. }) {
+                    let _ = self.inner.abort_transaction(self.call_timeout);
+                }
                 Err(e)
             }
         }
@@ -409,6 +426,7 @@ impl TxProducer {
     /// logged apart because they have different causes: the first is the producer's backlog
     /// at the broker, the second the coordinator.
     pub(crate) fn commit(&self) -> Result<Duration, Error> {
+        self.refuse_if_hung()?;
         let started = Instant::now();
         self.wait_acknowledged(self.call_timeout);
         let acknowledged = started.elapsed();
@@ -503,6 +521,7 @@ impl TxProducer {
         operation: &'static str,
         op: impl Fn(&Self) -> Result<(), E>,
     ) -> Result<(), Error> {
+        self.refuse_if_hung()?;
         let started = Instant::now();
         let window = self.call_timeout * RETRY_WINDOW_FACTOR;
         let mut backoff = Duration::from_millis(50);
@@ -511,6 +530,8 @@ impl TxProducer {
                 Ok(()) => return Ok(()),
                 Err(CallError::Kafka(e)) => e,
                 Err(CallError::Hung(waited)) => {
+                    *self.hung.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some((operation, waited));
                     return Err(Error::ProducerHung { operation, waited });
                 }
                 Err(CallError::Thread(e)) => {
@@ -530,6 +551,15 @@ impl TxProducer {
             tracing::warn!(operation, error = %e, "retriable transaction error; calling again");
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// [`Error::ProducerHung`] for the call that did not return, once one has not (see
+    /// [`TxProducer::hung`]).
+    fn refuse_if_hung(&self) -> Result<(), Error> {
+        match *self.hung.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some((operation, waited)) => Err(Error::ProducerHung { operation, waited }),
+            None => Ok(()),
         }
     }
 
@@ -910,6 +940,31 @@ mod tests {
         assert!(
             waited < Duration::from_secs(2) + HUNG_GRACE * 2,
             "{waited:?}"
+        );
+        // librdkafka still holds the stuck call: every later call of this producer fails as
+        // hung at once (the loop replaces the producer on that), not as a conflict with the
+        // stuck call (which the loop stops on).
+        let next = Instant::now();
+        for later in [
+            producer.begin(),
+            producer.abort(),
+            producer.commit().map(drop),
+        ] {
+            assert!(
+                matches!(
+                    later,
+                    Err(Error::ProducerHung {
+                        operation: "send_offsets_to_transaction",
+                        ..
+                    })
+                ),
+                "{later:?}"
+            );
+        }
+        assert!(
+            next.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            next.elapsed()
         );
         // Let the abandoned call finish, so its thread ends with the test.
         mock.broker_up(2)?;

@@ -2088,7 +2088,9 @@ where
 ///   timed out during a broker failover): this instance still owns its partitions — the
 ///   consumer group says so — so it takes a new producer epoch.
 /// * A call that never returned ([`Error::ProducerHung`]): the same, once the call has been
-///   waited for past its own timeout.
+///   waited for past its own timeout — and at any later use of that producer, which fails as
+///   hung at once (see `TxProducer::hung`); so an idle producer whose [`taken_over`] question
+///   never returned is replaced when the next transaction begins on it.
 /// * An abort after records failed or were purged ([`Error::UnsafeAfterAbort`]): the abort
 ///   itself succeeded, but only a new epoch makes the producer's sequence numbers safe again.
 /// * An abort after the coordinator said it does not know the producer's id
