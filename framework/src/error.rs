@@ -213,8 +213,9 @@ pub enum Error {
         source: KafkaError,
     },
 
-    /// A topic does not exist. A pipeline checks its input topics at start-up, unless its
-    /// consumer may have the broker create them (`allow.auto.create.topics=true`).
+    /// A topic does not exist. A pipeline checks its input topics at start-up, and stops with
+    /// this when one is deleted while it runs, unless its consumer may have the broker create
+    /// them (`allow.auto.create.topics=true`).
     #[error("topic {topic} does not exist (or has no partitions)")]
     MissingTopic {
         /// The topic.
@@ -329,6 +330,16 @@ pub(crate) fn consumer_refusal_hint(error: &KafkaError) -> Option<&'static str> 
         | RDKafkaErrorCode::GroupAuthorizationFailed) => hint_for(code),
         _ => None,
     }
+}
+
+/// Whether a consumer error says a subscribed topic is not (or no longer) in the cluster's
+/// metadata: librdkafka reports "Subscribed topic not available" with `UNKNOWN_TOPIC_OR_PART`
+/// when an input topic is deleted while the pipeline runs.
+pub(crate) fn names_a_missing_topic(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+    )
 }
 
 /// The hint of each refusal the broker would repeat on every retry (see [`classify`]).

@@ -1026,6 +1026,8 @@ where
                             source: e,
                         }),
                     );
+                } else if let Some(missing) = input_topic_gone(shared, consumer, &e) {
+                    defer(shared, Step::Stop(missing));
                 } else {
                     tracing::warn!(error = %e, "consumer error");
                 }
@@ -1054,6 +1056,35 @@ where
             }
         }
     }
+}
+
+/// The [`Error::MissingTopic`] to stop with when consumer error `e` says an input topic is gone
+/// (deleted while the pipeline runs) and the cluster's metadata, asked again, agrees.
+///
+/// Why stop: the group then has no partition of the topic to assign, so the pipeline would sit
+/// idle for ever, as it would have at start-up (see [`run_worker`]); Kafka Streams stops on a
+/// missing source topic too. Why ask again: one answer from a broker whose metadata lags (a
+/// topic just created, a controller change) must not stop a pipeline whose topic is there. A
+/// pipeline whose consumer may create topics (`allow.auto.create.topics=true`) waits instead, as
+/// it would at start-up. The request runs on the poller thread, like the poll it follows.
+fn input_topic_gone<P: Processor, C>(
+    shared: &Shared<P, C>,
+    consumer: &PipelineConsumer<P, C>,
+    e: &rdkafka::error::KafkaError,
+) -> Option<Error>
+where
+    C: Codec<P::Input>,
+{
+    let config = &shared.config;
+    if !crate::error::names_a_missing_topic(e) || config.allows_auto_created_topics() {
+        return None;
+    }
+    config.input_topics.iter().find_map(|topic| {
+        match crate::offsets::partitions(consumer, &config.bootstrap_servers, topic) {
+            Err(missing @ Error::MissingTopic { .. }) => Some(missing),
+            _ => None,
+        }
+    })
 }
 
 /// Hands a failure to the loop, unless one is already waiting there.

@@ -1178,6 +1178,47 @@ async fn a_pipeline_whose_input_topic_does_not_exist_stops_at_start_up() {
     );
 }
 
+/// An input topic deleted while the pipeline runs stops it with `Error::MissingTopic`, as a
+/// missing topic does at start-up, instead of leaving it subscribed to nothing for ever; what
+/// it committed before stays exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_topic_deleted_while_the_pipeline_runs_stops_it() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    let t = setup(kafka, "eos-deleted-in", 3, 3).await;
+    let input = events(1_500, 17);
+    produce_events(kafka, &t.input, &input).await;
+    // librdkafka gives a topic missing from the metadata this long to appear (30 s by default)
+    // before it reports it; shortened so the test does not wait it out.
+    let config = test_config(kafka, &t.app, "0", &t.input)
+        .consumer_property("topic.metadata.propagation.max.ms", "2000")
+        .build()
+        .expect("config");
+    let running = Running::start(Pipeline::new(config, Enrich::new(&t.output, "0")));
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+
+    let deleting = std::time::Instant::now();
+    kafka
+        .delete_topic(&t.input)
+        .await
+        .expect("delete the input");
+    let deleted = deleting.elapsed();
+    let result = tokio::time::timeout(Duration::from_secs(60), running.handle)
+        .await
+        .expect("the pipeline stops by itself once its input topic is gone")
+        .expect("pipeline task");
+    println!(
+        "deleted in {deleted:?}; stopped {:?} after the deletion began, with: {result:?}",
+        deleting.elapsed()
+    );
+    assert!(
+        matches!(&result, Err(onceflow::Error::MissingTopic { topic }) if *topic == t.input),
+        "{result:?}"
+    );
+    let outputs = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &outputs, 3).assert_exactly_once();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_stop_commits_outputs_with_offsets_and_forced_stop_aborts() {
     init_tracing();

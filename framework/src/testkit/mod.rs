@@ -433,6 +433,34 @@ impl Kafka {
             .await
             .map_err(|e| TestkitError::Unsupported(format!("the metadata task failed: {e}")))?
     }
+
+    /// Deletes a topic: to see what a pipeline does when its input disappears while it runs.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config()
+                .create()
+                .map_err(|source| TestkitError::Admin {
+                    context: "creating an admin client".into(),
+                    source,
+                })?;
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let results = admin
+            .delete_topics(&[name], &options)
+            .await
+            .map_err(|source| TestkitError::Admin {
+                context: format!("deleting topic {name}"),
+                source,
+            })?;
+        for result in results {
+            if let Err((topic, code)) = result {
+                return Err(TestkitError::Admin {
+                    context: format!("deleting topic {topic}"),
+                    source: rdkafka::error::KafkaError::AdminOp(code),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 fn external_bootstrap() -> Option<String> {
