@@ -332,13 +332,18 @@ pub(crate) fn consumer_refusal_hint(error: &KafkaError) -> Option<&'static str> 
     }
 }
 
-/// Whether a consumer error says a subscribed topic is not (or no longer) in the cluster's
-/// metadata: librdkafka reports "Subscribed topic not available" with `UNKNOWN_TOPIC_OR_PART`
-/// when an input topic is deleted while the pipeline runs.
+/// Whether a consumer error says a subscribed topic or its partitions are not (or no longer)
+/// in the cluster's metadata. When an input topic is deleted while the pipeline runs,
+/// librdkafka reports its partitions as no longer available (`_UNKNOWN_PARTITION`), then the
+/// topic as not existing (`UNKNOWN_TOPIC_OR_PART`).
 pub(crate) fn names_a_missing_topic(error: &KafkaError) -> bool {
     matches!(
         error.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+        )
     )
 }
 

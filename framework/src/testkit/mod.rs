@@ -396,13 +396,7 @@ impl Kafka {
         replication_factor: i32,
         configs: &[(&str, &str)],
     ) -> Result<()> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.client_config()
-                .create()
-                .map_err(|source| TestkitError::Admin {
-                    context: "creating an admin client".into(),
-                    source,
-                })?;
+        let (admin, options) = self.admin()?;
         let mut topic = NewTopic::new(
             name,
             partitions,
@@ -411,22 +405,8 @@ impl Kafka {
         for (k, v) in configs {
             topic = topic.set(k, v);
         }
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin
-            .create_topics([&topic], &options)
-            .await
-            .map_err(|source| TestkitError::Admin {
-                context: format!("creating topic {name}"),
-                source,
-            })?;
-        for result in results {
-            if let Err((topic, code)) = result {
-                return Err(TestkitError::Admin {
-                    context: format!("creating topic {topic}"),
-                    source: rdkafka::error::KafkaError::AdminOp(code),
-                });
-            }
-        }
+        let results = admin.create_topics([&topic], &options).await;
+        topic_results("creating", name, results)?;
         let bootstrap = self.bootstrap.clone();
         let name = name.to_owned();
         tokio::task::spawn_blocking(move || wait_for_leaders(&bootstrap, &name, partitions))
@@ -436,31 +416,45 @@ impl Kafka {
 
     /// Deletes a topic: to see what a pipeline does when its input disappears while it runs.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let admin: AdminClient<DefaultClientContext> =
-            self.client_config()
-                .create()
-                .map_err(|source| TestkitError::Admin {
-                    context: "creating an admin client".into(),
-                    source,
-                })?;
-        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = admin
-            .delete_topics(&[name], &options)
-            .await
+        let (admin, options) = self.admin()?;
+        let results = admin.delete_topics(&[name], &options).await;
+        topic_results("deleting", name, results)
+    }
+
+    /// An admin client of this cluster, and the options its topic operations wait with.
+    fn admin(&self) -> Result<(AdminClient<DefaultClientContext>, AdminOptions)> {
+        let admin = self
+            .client_config()
+            .create()
             .map_err(|source| TestkitError::Admin {
-                context: format!("deleting topic {name}"),
+                context: "creating an admin client".into(),
                 source,
             })?;
-        for result in results {
-            if let Err((topic, code)) = result {
-                return Err(TestkitError::Admin {
-                    context: format!("deleting topic {topic}"),
-                    source: rdkafka::error::KafkaError::AdminOp(code),
-                });
-            }
-        }
-        Ok(())
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        Ok((admin, options))
     }
+}
+
+/// The outcome of an admin operation on topic `name` (`doing` says which: "creating",
+/// "deleting"): the request's error, or the first topic's.
+fn topic_results(
+    doing: &str,
+    name: &str,
+    results: rdkafka::error::KafkaResult<Vec<rdkafka::admin::TopicResult>>,
+) -> Result<()> {
+    let results = results.map_err(|source| TestkitError::Admin {
+        context: format!("{doing} topic {name}"),
+        source,
+    })?;
+    for result in results {
+        if let Err((topic, code)) = result {
+            return Err(TestkitError::Admin {
+                context: format!("{doing} topic {topic}"),
+                source: rdkafka::error::KafkaError::AdminOp(code),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn external_bootstrap() -> Option<String> {
