@@ -231,16 +231,22 @@ impl TxProducer {
     }
 
     pub(crate) fn begin(&self) -> Result<(), Error> {
-        self.refuse_if_hung()?;
         self.inner
             .context()
             .possibly_written
             .store(0, Ordering::Relaxed);
-        self.inner
-            .begin_transaction()
-            .map_err(|e| self.error("begin_transaction", e))?;
+        self.begin_transaction()?;
         self.uncommitted().get_or_insert_with(Instant::now);
         Ok(())
+    }
+
+    /// librdkafka's `begin_transaction`, unless the producer is hung (see [`Self::hung`]).
+    /// Every other transactional call goes through [`Self::retrying`], which checks the same.
+    fn begin_transaction(&self) -> Result<(), Error> {
+        self.refuse_if_hung()?;
+        self.inner
+            .begin_transaction()
+            .map_err(|e| self.error("begin_transaction", e))
     }
 
     /// When the earliest transaction begun on this producer since its last successful commit
@@ -393,10 +399,7 @@ impl TxProducer {
         offsets: &BTreeMap<(String, i32), i64>,
         group: ConsumerGroupMetadata,
     ) -> Result<bool, Error> {
-        self.refuse_if_hung()?;
-        self.inner
-            .begin_transaction()
-            .map_err(|e| self.error("begin_transaction", e))?;
+        self.begin_transaction()?;
         let asked = self.send_offsets(offsets, group);
         match asked {
             Ok(()) => {
@@ -426,6 +429,7 @@ impl TxProducer {
     /// logged apart because they have different causes: the first is the producer's backlog
     /// at the broker, the second the coordinator.
     pub(crate) fn commit(&self) -> Result<Duration, Error> {
+        // Before the wait for acknowledgements, which a hung producer would sit out in full.
         self.refuse_if_hung()?;
         let started = Instant::now();
         self.wait_acknowledged(self.call_timeout);

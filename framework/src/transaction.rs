@@ -773,12 +773,8 @@ where
         crate::consumer::create(&shared.config, RebalanceContext::new(Arc::clone(&shared)))?;
     // A missing input topic is a mistake to report, not to wait out: subscribed to it, the
     // consumer would sit idle for ever, warning at every poll (Kafka Streams stops at start-up
-    // too). Unless the application lets the subscription create it.
-    if !shared.config.allows_auto_created_topics() {
-        for topic in &shared.config.input_topics {
-            crate::offsets::partitions(&consumer, &shared.config.bootstrap_servers, topic)?;
-        }
-    }
+    // too).
+    check_input_topics(&shared.config, &consumer)?;
     let topics: Vec<&str> = shared
         .config
         .input_topics
@@ -1026,7 +1022,7 @@ where
                             source: e,
                         }),
                     );
-                } else if let Some(missing) = input_topic_gone(shared, consumer, &e) {
+                } else if let Some(missing) = input_topic_gone(&shared.config, consumer, &e) {
                     defer(shared, Step::Stop(missing));
                 } else {
                     tracing::warn!(error = %e, "consumer error");
@@ -1058,33 +1054,46 @@ where
     }
 }
 
+/// Asks the cluster's metadata whether every input topic exists and may be read:
+/// [`Error::MissingTopic`] or [`Error::Refused`] for the first that does not or may not (or
+/// [`Error::Unreachable`]). Skipped when the consumer may have the broker create a missing
+/// topic (`allow.auto.create.topics=true`): then the subscription waits for it.
+///
+/// At start-up (see [`run_worker`]) and when a consumer error says an input topic is gone (see
+/// [`input_topic_gone`]); on the worker and the poller thread, never on the async executor.
+fn check_input_topics<Ctx: rdkafka::consumer::ConsumerContext>(
+    config: &PipelineConfig,
+    consumer: &BaseConsumer<Ctx>,
+) -> Result<(), Error> {
+    if config.allows_auto_created_topics() {
+        return Ok(());
+    }
+    for topic in &config.input_topics {
+        crate::offsets::partitions(consumer, &config.bootstrap_servers, topic)?;
+    }
+    Ok(())
+}
+
 /// The [`Error::MissingTopic`] to stop with when consumer error `e` says an input topic is gone
 /// (deleted while the pipeline runs) and the cluster's metadata, asked again, agrees.
 ///
 /// Why stop: the group then has no partition of the topic to assign, so the pipeline would sit
 /// idle for ever, as it would have at start-up (see [`run_worker`]); Kafka Streams stops on a
 /// missing source topic too. Why ask again: one answer from a broker whose metadata lags (a
-/// topic just created, a controller change) must not stop a pipeline whose topic is there. A
-/// pipeline whose consumer may create topics (`allow.auto.create.topics=true`) waits instead, as
-/// it would at start-up. The request runs on the poller thread, like the poll it follows.
-fn input_topic_gone<P: Processor, C>(
-    shared: &Shared<P, C>,
-    consumer: &PipelineConsumer<P, C>,
+/// topic just created, a controller change) must not stop a pipeline whose topic is there; any
+/// other answer of the check (unreachable, refused) is left to the consumer's own errors.
+fn input_topic_gone<Ctx: rdkafka::consumer::ConsumerContext>(
+    config: &PipelineConfig,
+    consumer: &BaseConsumer<Ctx>,
     e: &rdkafka::error::KafkaError,
-) -> Option<Error>
-where
-    C: Codec<P::Input>,
-{
-    let config = &shared.config;
-    if !crate::error::names_a_missing_topic(e) || config.allows_auto_created_topics() {
+) -> Option<Error> {
+    if !crate::error::names_a_missing_topic(e) {
         return None;
     }
-    config.input_topics.iter().find_map(|topic| {
-        match crate::offsets::partitions(consumer, &config.bootstrap_servers, topic) {
-            Err(missing @ Error::MissingTopic { .. }) => Some(missing),
-            _ => None,
-        }
-    })
+    match check_input_topics(config, consumer) {
+        Err(missing @ Error::MissingTopic { .. }) => Some(missing),
+        _ => None,
+    }
 }
 
 /// Hands a failure to the loop, unless one is already waiting there.
