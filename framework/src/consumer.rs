@@ -98,21 +98,6 @@ pub(crate) fn create<Ctx: ConsumerContext>(
         .map_err(|e| Error::kafka("creating the consumer", e))
 }
 
-/// Routes librdkafka's log lines into `tracing` (target `librdkafka`).
-pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
-    match level {
-        RDKafkaLogLevel::Emerg
-        | RDKafkaLogLevel::Alert
-        | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{message}"),
-        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            tracing::info!(target: "librdkafka", fac, "{message}");
-        }
-        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
-    }
-}
-
 /// The context of the short-lived reading clients (verify, the offset toolkit, the testkit's
 /// read-back): reaching the end of a partition is what they wait for, and connection chatter
 /// belongs in the debug log, not in a command's output.
@@ -124,7 +109,7 @@ impl ClientContext for QuietContext {
             level,
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical
         ) {
-            log_librdkafka(level, fac, message);
+            crate::client_log::log_librdkafka(level, fac, message);
         } else {
             tracing::debug!(target: "librdkafka", fac, "{message}");
         }

@@ -77,6 +77,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod client_log;
 pub mod codec;
 pub mod config;
 mod consumer;

@@ -32,6 +32,7 @@ use rdkafka::producer::{
 };
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::client_log::ClientErrors;
 use crate::config::PipelineConfig;
 use crate::error::{Error, ErrorClass, classify};
 use crate::processor::OutputRecord;
@@ -50,16 +51,33 @@ const HUNG_GRACE: Duration = Duration::from_secs(10);
 /// transaction any failure makes the commit fail as abortable, so the transaction loop learns
 /// of them there; the count is what [`TxProducer::abort`] needs to know whether the producer
 /// may be used for another transaction.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DeliveryContext {
     /// Records that failed or were purged after they had been sent, since the transaction
     /// began.
     possibly_written: AtomicU64,
+    errors: ClientErrors,
+}
+
+impl DeliveryContext {
+    fn new() -> Self {
+        Self {
+            possibly_written: AtomicU64::new(0),
+            errors: ClientErrors::new("producer"),
+        }
+    }
 }
 
 impl ClientContext for DeliveryContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        crate::consumer::log_librdkafka(level, fac, log_message);
+        crate::client_log::log_librdkafka(level, fac, log_message);
+    }
+
+    // rust-rdkafka's default logs through the `log` crate at `error`; onceflow logs through
+    // `tracing`, as a warning (the failures that matter come back from its own calls), with
+    // repeats folded.
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.errors.report(&error, reason);
     }
 }
 
@@ -209,7 +227,7 @@ impl TxProducer {
         }
 
         let inner: ThreadedProducer<DeliveryContext> = cc
-            .create_with_context(DeliveryContext::default())
+            .create_with_context(DeliveryContext::new())
             .map_err(|e| Error::kafka("creating the transactional producer", e))?;
         let producer = Self {
             inner: Arc::new(inner),

@@ -30,6 +30,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 
+use crate::client_log::ClientErrors;
 use crate::codec::Codec;
 use crate::processor::{Processor, TopicPartition};
 use crate::transaction::{Shared, Step, abort_open, commit_open};
@@ -37,11 +38,15 @@ use crate::transaction::{Shared, Step, abort_open, commit_open};
 /// The consumer context of a pipeline: rebalance handling and log routing.
 pub(crate) struct RebalanceContext<P: Processor, C> {
     shared: Arc<Shared<P, C>>,
+    errors: ClientErrors,
 }
 
 impl<P: Processor, C> RebalanceContext<P, C> {
     pub(crate) fn new(shared: Arc<Shared<P, C>>) -> Self {
-        Self { shared }
+        Self {
+            shared,
+            errors: ClientErrors::new("consumer"),
+        }
     }
 }
 
@@ -54,11 +59,11 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
 
 impl<P: Processor, C: Codec<P::Input>> ClientContext for RebalanceContext<P, C> {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        crate::consumer::log_librdkafka(level, fac, log_message);
+        crate::client_log::log_librdkafka(level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "consumer client error");
+        self.errors.report(&error, reason);
     }
 }
 
