@@ -36,15 +36,16 @@ pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
 /// enough that a condition that lasts still shows up in a log read minutes later.
 pub(crate) const REPEAT_WINDOW: Duration = Duration::from_secs(10);
 
-/// How many distinct errors are remembered at once. Past it, the ones whose window has passed
-/// are forgotten (their repeats logged); if all are within their window, every error is logged
-/// again, as it would be without folding — a memory bound, never a silent drop.
+/// How many distinct errors are remembered at once. If all of them are within their window, a
+/// new error is logged every time, as it would be without folding: a memory bound, never a
+/// silent drop.
 const REMEMBERED: usize = 64;
 
 /// The error callback's reports of one client, logged at `warn` with repeats folded: the first
-/// report of an error (the same error and reason text) is logged, its repeats within
-/// [`REPEAT_WINDOW`] are counted, and the count is logged with the next report after the window
-/// (field `repeats_not_logged`), or when the client is dropped. Nothing is dropped unsaid.
+/// report of an error (the same error and reason text) is logged, and its repeats within
+/// [`REPEAT_WINDOW`] are counted. Once the window has passed, the count is logged (field
+/// `repeats_not_logged`) at the client's next report of any error, or when the client is
+/// dropped, and the error is logged again if it comes again. Nothing is dropped unsaid.
 #[derive(Debug)]
 pub(crate) struct ClientErrors {
     /// Which client, in the message: "consumer" or "producer".
@@ -63,34 +64,24 @@ impl ClientErrors {
     /// Logs (or counts) one report of librdkafka's error callback.
     pub(crate) fn report(&self, error: &KafkaError, reason: &str) {
         let now = Instant::now();
-        let (decision, forgotten) = {
+        let (log, unsaid) = {
             let mut folding = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-            let forgotten = folding.forget_expired(now);
-            (folding.note(format!("{error}: {reason}"), now), forgotten)
+            let unsaid = folding.forget_expired(now);
+            (folding.note(format!("{error}: {reason}"), now), unsaid)
         };
-        for (report, repeats) in forgotten {
-            self.log_unsaid(&report, repeats);
+        for (report, repeats) in unsaid {
+            self.log_repeats(&report, repeats);
         }
-        match decision {
-            Some(0) => tracing::warn!(%error, reason, "{} client error", self.client),
-            Some(repeats) => tracing::warn!(
-                %error,
-                reason,
-                repeats_not_logged = repeats,
-                "{} client error (again; repeated {repeats} times since it was last logged)",
-                self.client
-            ),
-            None => {}
+        if log {
+            tracing::warn!(%error, reason, "{} client error", self.client);
         }
     }
-}
 
-impl ClientErrors {
-    fn log_unsaid(&self, report: &str, repeats: u64) {
+    fn log_repeats(&self, report: &str, repeats: u64) {
         tracing::warn!(
             report,
             repeats_not_logged = repeats,
-            "{} client error repeated {repeats} times after it was last logged",
+            "{} client error repeated {repeats} times after it was logged",
             self.client
         );
     }
@@ -104,7 +95,7 @@ impl Drop for ClientErrors {
             .unwrap_or_else(PoisonError::into_inner)
             .unsaid();
         for (report, repeats) in unsaid {
-            self.log_unsaid(&report, repeats);
+            self.log_repeats(&report, repeats);
         }
     }
 }
@@ -112,37 +103,26 @@ impl Drop for ClientErrors {
 /// The folding decisions, apart from the clock and the log so they can be tested.
 #[derive(Debug, Default)]
 struct Folding {
-    /// Per distinct report: when it was last logged, and its repeats since.
+    /// Per distinct report within its window: when it was logged, and its repeats since.
     seen: HashMap<String, (Instant, u64)>,
 }
 
 impl Folding {
-    /// `Some(repeats since it was last logged)` if the report is to be logged now, `None` if it
-    /// is counted instead.
-    fn note(&mut self, report: String, now: Instant) -> Option<u64> {
-        if let Some((logged_at, repeats)) = self.seen.get_mut(&report) {
-            if now.saturating_duration_since(*logged_at) < REPEAT_WINDOW {
-                *repeats += 1;
-                return None;
-            }
-            let said = *repeats;
-            *logged_at = now;
-            *repeats = 0;
-            return Some(said);
+    /// Whether the report is to be logged now (else it is counted as a repeat).
+    fn note(&mut self, report: String, now: Instant) -> bool {
+        if let Some((_, repeats)) = self.seen.get_mut(&report) {
+            *repeats += 1;
+            return false;
         }
-        if self.seen.len() >= REMEMBERED {
-            return Some(0);
+        if self.seen.len() < REMEMBERED {
+            self.seen.insert(report, (now, 0));
         }
-        self.seen.insert(report, (now, 0));
-        Some(0)
+        true
     }
 
-    /// When [`REMEMBERED`] reports are remembered: forgets those whose window has passed, and
-    /// returns those of them with repeats not yet logged, and how many.
+    /// Forgets the reports whose window has passed, and returns those of them that repeated,
+    /// with how many times.
     fn forget_expired(&mut self, now: Instant) -> Vec<(String, u64)> {
-        if self.seen.len() < REMEMBERED {
-            return Vec::new();
-        }
         let mut unsaid = Vec::new();
         self.seen.retain(|report, (logged_at, repeats)| {
             let expired = now.saturating_duration_since(*logged_at) >= REPEAT_WINDOW;
@@ -155,7 +135,7 @@ impl Folding {
         unsaid
     }
 
-    /// The reports with repeats not yet logged, and how many; forgets every report.
+    /// The reports that repeated, with how many times; forgets every report.
     fn unsaid(&mut self) -> Vec<(String, u64)> {
         let mut unsaid: Vec<(String, u64)> = self
             .seen
@@ -179,16 +159,19 @@ mod tests {
         let mut f = Folding::default();
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        assert_eq!(f.note("a".into(), at(0)), Some(0));
+        assert!(f.note("a".into(), at(0)));
         for i in 1..=12 {
-            assert_eq!(f.note("a".into(), at(i * 10)), None, "repeat {i}");
+            assert!(f.forget_expired(at(i * 10)).is_empty());
+            assert!(!f.note("a".into(), at(i * 10)), "repeat {i}");
         }
         // A different report is not folded into the first.
-        assert_eq!(f.note("b".into(), at(200)), Some(0));
-        // After the window: logged again, with the 12 repeats it stood for.
-        let after = REPEAT_WINDOW.as_millis() as u64;
-        assert_eq!(f.note("a".into(), at(after)), Some(12));
-        assert_eq!(f.note("a".into(), at(after + 1)), None);
+        assert!(f.note("b".into(), at(200)));
+        // After the window: the 12 repeats are handed back to be logged, and the report is
+        // logged again when it comes again. "b" never repeated: nothing to say for it.
+        let after = at(REPEAT_WINDOW.as_millis() as u64 + 200);
+        assert_eq!(f.forget_expired(after), vec![("a".to_string(), 12)]);
+        assert!(f.note("a".into(), after));
+        assert!(!f.note("a".into(), after));
         assert_eq!(f.unsaid(), vec![("a".to_string(), 1)]);
         assert!(f.unsaid().is_empty(), "what was said is forgotten");
     }
@@ -198,19 +181,19 @@ mod tests {
         let mut f = Folding::default();
         let t0 = Instant::now();
         for i in 0..REMEMBERED {
-            assert_eq!(f.note(format!("r{i}"), t0), Some(0));
+            assert!(f.note(format!("r{i}"), t0));
         }
-        assert_eq!(f.note("r0".into(), t0), None);
+        assert!(!f.note("r0".into(), t0));
         // Every remembered report is within its window: a new one is logged, every time.
         assert!(f.forget_expired(t0).is_empty());
-        assert_eq!(f.note("new".into(), t0), Some(0));
-        assert_eq!(f.note("new".into(), t0), Some(0));
-        // Once their windows pass, they are forgotten, the repeat of r0 is handed back to be
-        // logged, and the new one is remembered.
+        assert!(f.note("new".into(), t0));
+        assert!(f.note("new".into(), t0));
+        // Once their windows pass they are forgotten (r0's repeat handed back to be logged),
+        // and the new one is remembered.
         let later = t0 + REPEAT_WINDOW;
         assert_eq!(f.forget_expired(later), vec![("r0".to_string(), 1)]);
-        assert_eq!(f.note("new".into(), later), Some(0));
-        assert_eq!(f.note("new".into(), later), None);
+        assert!(f.note("new".into(), later));
+        assert!(!f.note("new".into(), later));
         assert_eq!(f.seen.len(), 1);
     }
 
@@ -248,7 +231,7 @@ mod tests {
         assert!(
             lines[3..]
                 .iter()
-                .all(|l| l.contains("repeated 13 times after it was last logged")),
+                .all(|l| l.contains("repeated 13 times after it was logged")),
             "{lines:#?}"
         );
     }
