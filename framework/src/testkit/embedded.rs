@@ -31,6 +31,8 @@ struct Node {
     id: i32,
     client_port: u16,
     controller_port: u16,
+    /// The SASL listener's port, when the cluster has users (see `KafkaOptions::sasl_users`).
+    sasl_port: Option<u16>,
     dir: PathBuf,
     /// `None` while the node is killed.
     process: Mutex<Option<Child>>,
@@ -82,6 +84,9 @@ impl EmbeddedCluster {
                 options.nodes
             )));
         }
+        for user in &options.sasl_users {
+            user.check()?;
+        }
         let java = options.java.clone();
         check_java(&java)?;
         let jars = jars::ensure(
@@ -105,14 +110,16 @@ impl EmbeddedCluster {
         fs::write(root_path.join("owner.pid"), std::process::id().to_string())
             .map_err(|e| TestkitError::io("writing owner.pid", e))?;
 
-        let ports = free_ports(usize::try_from(options.nodes).unwrap_or(1) * 2)?;
+        let per_node = if options.sasl_users.is_empty() { 2 } else { 3 };
+        let ports = free_ports(usize::try_from(options.nodes).unwrap_or(1) * per_node)?;
         let nodes: Vec<Node> = (0..options.nodes)
             .map(|i| {
                 let idx = usize::try_from(i).unwrap_or_default();
                 Node {
                     id: i + 1,
-                    client_port: ports[idx * 2],
-                    controller_port: ports[idx * 2 + 1],
+                    client_port: ports[idx * per_node],
+                    controller_port: ports[idx * per_node + 1],
+                    sasl_port: (per_node == 3).then(|| ports[idx * per_node + 2]),
                     dir: root_path.join(format!("node-{}", i + 1)),
                     process: Mutex::new(None),
                 }
@@ -302,6 +309,15 @@ impl EmbeddedCluster {
             .join(",")
     }
 
+    /// The SASL listener's addresses, if the cluster has users.
+    pub(crate) fn sasl_bootstrap_servers(&self) -> Option<String> {
+        self.nodes
+            .iter()
+            .map(|n| n.sasl_port.map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Option<Vec<_>>>()
+            .map(|addrs| addrs.join(","))
+    }
+
     pub(crate) fn node_ids(&self) -> Vec<i32> {
         self.nodes.iter().map(|n| n.id).collect()
     }
@@ -415,11 +431,8 @@ fn server_properties(node: &Node, voters: &str, nodes: usize, options: &KafkaOpt
 process.roles=broker,controller
 node.id={id}
 controller.quorum.voters={voters}
-listeners=PLAINTEXT://127.0.0.1:{bp},CONTROLLER://127.0.0.1:{cp}
-advertised.listeners=PLAINTEXT://127.0.0.1:{bp}
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs={data}
 offsets.topic.replication.factor={rf}
 offsets.topic.num.partitions=1
@@ -436,10 +449,46 @@ transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
 log.cleaner.dedupe.buffer.size=2097152
 ",
         id = node.id,
-        bp = node.client_port,
-        cp = node.controller_port,
         data = node.dir.join("data").display(),
     );
+    match node.sasl_port {
+        None => {
+            let _ = write!(
+                p,
+                "listeners=PLAINTEXT://127.0.0.1:{bp},CONTROLLER://127.0.0.1:{cp}
+advertised.listeners=PLAINTEXT://127.0.0.1:{bp}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+",
+                bp = node.client_port,
+                cp = node.controller_port,
+            );
+        }
+        // A second client listener whose users authenticate with SASL/PLAIN, and ACLs enforced
+        // for everyone. The PLAINTEXT listeners (clients of the testkit itself, the brokers
+        // among themselves, the controllers) authenticate nobody; their principal,
+        // `User:ANONYMOUS`, is the super user, so only the SASL users are held to ACLs.
+        Some(sp) => {
+            let users: String = options
+                .sasl_users
+                .iter()
+                .map(|u| format!(" user_{}=\"{}\"", u.name, u.password))
+                .collect();
+            let _ = write!(
+                p,
+                "listeners=PLAINTEXT://127.0.0.1:{bp},SASL_PLAINTEXT://127.0.0.1:{sp},CONTROLLER://127.0.0.1:{cp}
+advertised.listeners=PLAINTEXT://127.0.0.1:{bp},SASL_PLAINTEXT://127.0.0.1:{sp}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.name.sasl_plaintext.sasl.enabled.mechanisms=PLAIN
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required{users};
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:ANONYMOUS
+",
+                bp = node.client_port,
+                cp = node.controller_port,
+            );
+        }
+    }
     for (k, v) in &options.broker_properties {
         let _ = writeln!(p, "{k}={v}");
     }

@@ -29,6 +29,27 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A broker that enforces ACLs, for tests of permissions: its users log in with SASL/PLAIN on
+//! a second listener, and get only what a test grants them (see [`KafkaOptions::sasl_users`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), onceflow::testkit::TestkitError> {
+//! use onceflow::testkit::{Acl, AclOperation, AclResource, Kafka, KafkaOptions};
+//!
+//! let kafka =
+//!     Kafka::start_with(KafkaOptions::single().sasl_user("payments", "payments-secret")).await?;
+//! kafka.create_topic("payments-in", 3, 1).await?;
+//! kafka
+//!     .create_acls(&[
+//!         Acl::allow("User:payments", AclOperation::Read, AclResource::Topic, "payments-in"),
+//!         Acl::allow("User:payments", AclOperation::Write, AclResource::TransactionalId, "payments")
+//!             .prefixed(),
+//!     ])
+//!     .await?;
+//! let users_connect_to = kafka.sasl_bootstrap_servers();
+//! # Ok(()) }
+//! ```
+//!
 //! Brokers are killed when their [`Kafka`] is dropped, including when a test panics, and also
 //! when the test process itself dies (the kernel delivers `SIGKILL` to them). Their directory,
 //! with each node's `server.log`, is kept and its path printed when a test panicked or a start
@@ -38,6 +59,7 @@ mod embedded;
 mod error;
 mod jars;
 mod readback;
+mod security;
 
 #[cfg(feature = "testcontainers")]
 mod docker;
@@ -60,6 +82,7 @@ pub use readback::{
     Isolation, ReadRecord, committed_offsets_blocking, end_offsets_blocking,
     last_committed_offsets_blocking, read_all, read_all_blocking,
 };
+pub use security::{Acl, AclOperation, AclResource, SaslUser};
 
 /// Environment variable naming an existing cluster to use instead of starting one.
 pub const BOOTSTRAP_SERVERS_ENV: &str = "KAFKA_BOOTSTRAP_SERVERS";
@@ -99,6 +122,15 @@ pub struct KafkaOptions {
     /// Honour `KAFKA_BOOTSTRAP_SERVERS`. Default true; a multi-node cluster sets it false,
     /// because its tests kill nodes, which an external cluster does not let us do.
     pub use_external: bool,
+    /// Users of a second client listener that authenticates with SASL/PLAIN
+    /// (over plaintext) and authorizes with ACLs: Kafka's `StandardAuthorizer`, nothing allowed
+    /// without an ACL. Default none: no such listener and no authorizer. The first listener,
+    /// which [`Kafka::bootstrap_servers`] names and every testkit helper uses, stays PLAINTEXT
+    /// with its anonymous principal a super user, so a test creates topics and reads results as
+    /// usual and grants each user what it needs with [`Kafka::create_acls`]; the users connect
+    /// to [`Kafka::sasl_bootstrap_servers`]. Set with [`KafkaOptions::sasl_user`]; a cluster with
+    /// users is always embedded (an external one has its own).
+    pub sasl_users: Vec<SaslUser>,
 }
 
 impl Default for KafkaOptions {
@@ -118,6 +150,7 @@ impl Default for KafkaOptions {
             cache_dir: cache_dir(),
             data_dir: None,
             use_external: true,
+            sasl_users: Vec::new(),
         }
     }
 }
@@ -183,6 +216,19 @@ impl KafkaOptions {
         self
     }
 
+    /// Adds a user of the SASL listener, with ACLs enforced (see [`KafkaOptions::sasl_users`]).
+    /// Names and passwords are letters, digits, `-` and `_` (they go into the broker's JAAS
+    /// configuration as they are).
+    #[must_use]
+    pub fn sasl_user(mut self, name: impl Into<String>, password: impl Into<String>) -> Self {
+        self.sasl_users.push(SaslUser {
+            name: name.into(),
+            password: password.into(),
+        });
+        self.use_external = false;
+        self
+    }
+
     /// Sets the JVM heap per node, e.g. `"1g"`.
     #[must_use]
     pub fn heap(mut self, heap: impl Into<String>) -> Self {
@@ -216,6 +262,8 @@ enum Backend {
 #[derive(Debug)]
 pub struct Kafka {
     bootstrap: String,
+    /// The SASL listener's addresses, when the cluster has one.
+    sasl_bootstrap: Option<String>,
     backend: Backend,
 }
 
@@ -237,17 +285,20 @@ impl Kafka {
     /// [`Kafka::start_with`] for code that is not async. Blocks for the whole start-up.
     pub fn start_blocking(options: &KafkaOptions) -> Result<Self> {
         if options.use_external
+            && options.sasl_users.is_empty()
             && let Some(bootstrap) = external_bootstrap()
         {
             tracing::info!(%bootstrap, "using the external Kafka cluster from {BOOTSTRAP_SERVERS_ENV}");
             return Ok(Self {
                 bootstrap,
+                sasl_bootstrap: None,
                 backend: Backend::External,
             });
         }
         let cluster = embedded::EmbeddedCluster::start(options)?;
         Ok(Self {
             bootstrap: cluster.bootstrap_servers(),
+            sasl_bootstrap: cluster.sasl_bootstrap_servers(),
             backend: Backend::Embedded(Arc::new(cluster)),
         })
     }
@@ -278,6 +329,7 @@ impl Kafka {
         let kafka = docker::DockerKafka::start(KAFKA_VERSION).await?;
         Ok(Self {
             bootstrap: kafka.bootstrap_servers().to_owned(),
+            sasl_bootstrap: None,
             backend: Backend::Docker(Box::new(kafka)),
         })
     }
@@ -286,6 +338,15 @@ impl Kafka {
     #[must_use]
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// The `bootstrap.servers` value for the users of the SASL listener (see
+    /// [`KafkaOptions::sasl_users`]); `None` when the cluster has none. Their clients also set
+    /// `security.protocol=SASL_PLAINTEXT`, `sasl.mechanism=PLAIN`, `sasl.username` and
+    /// `sasl.password`.
+    #[must_use]
+    pub fn sasl_bootstrap_servers(&self) -> Option<&str> {
+        self.sasl_bootstrap.as_deref()
     }
 
     /// A client configuration with `bootstrap.servers` set.
@@ -421,6 +482,16 @@ impl Kafka {
         topic_results("deleting", name, results)
     }
 
+    /// Creates ACLs, each allowing its principal one operation on a resource, from any host.
+    /// Only meaningful on a cluster that enforces them (see [`KafkaOptions::sasl_users`]).
+    pub async fn create_acls(&self, acls: &[Acl]) -> Result<()> {
+        let config = self.client_config();
+        let acls = acls.to_vec();
+        tokio::task::spawn_blocking(move || security::create_acls_blocking(&config, &acls))
+            .await
+            .map_err(|e| TestkitError::Unsupported(format!("the ACL task failed: {e}")))?
+    }
+
     /// An admin client of this cluster, and the options its topic operations wait with.
     fn admin(&self) -> Result<(AdminClient<DefaultClientContext>, AdminOptions)> {
         let admin = self
@@ -538,5 +609,16 @@ mod tests {
         assert_eq!(c.nodes, 3);
         assert!(!c.use_external);
         assert!(c.fallback_versions().is_empty());
+        assert!(o.sasl_users.is_empty());
+        let s = KafkaOptions::single().sasl_user("app", "app-secret");
+        assert_eq!(s.sasl_users[0].name, "app");
+        assert!(
+            !format!("{s:?}").contains("app-secret"),
+            "Debug hides passwords: {s:?}"
+        );
+        assert!(
+            !s.use_external,
+            "a cluster with SASL users is always embedded"
+        );
     }
 }
