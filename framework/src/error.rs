@@ -308,9 +308,10 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
 /// What a refusal the broker would repeat on every retry means (see [`classify`]), or `None`
 /// for any other error.
 ///
-/// Only errors of transactional calls count: a record the producer refuses before sending it
-/// (`send`) is a different path — it is tried again and then dead-lettered, because it is
-/// known to be that record's.
+/// Only errors of transactional calls count here: a record the producer refuses before sending
+/// it (`send`) is a different path — it is tried again and then dead-lettered, because it is
+/// known to be that record's — unless the refusal is a permission (see
+/// [`permission_refusal_hint`]).
 pub(crate) fn refusal_hint(error: &KafkaError) -> Option<&'static str> {
     let KafkaError::Transaction(e) = error else {
         return None;
@@ -318,16 +319,26 @@ pub(crate) fn refusal_hint(error: &KafkaError) -> Option<&'static str> {
     hint_for(e.code())
 }
 
-/// What a consumer error means when it is a permission the broker refuses (reading an input
-/// topic, joining the group), or `None` for any other consumer error — those are logged and
-/// polled past, because librdkafka retries them itself.
+/// What an error means when it is a permission the broker refuses this instance's principal
+/// (`TOPIC_`, `GROUP_`, `CLUSTER_` or `TRANSACTIONAL_ID_AUTHORIZATION_FAILED`), whatever call
+/// or callback it came from; `None` for any other error.
 ///
-/// Why stop: the consumer keeps asking and the broker keeps refusing, so the pipeline would sit
-/// idle for ever, with a warning at every poll.
-pub(crate) fn consumer_refusal_hint(error: &KafkaError) -> Option<&'static str> {
+/// Why a permission stops the instance wherever it shows up: the broker refuses it again on
+/// every retry, and it is nobody's record's fault.
+/// - A consumer refused an input topic or the group keeps asking, so the pipeline would sit idle
+///   for ever, with a warning at every poll (other consumer errors are logged and polled past,
+///   because librdkafka retries them itself).
+/// - librdkafka refuses to queue an output for a topic the broker has refused it
+///   (`TOPIC_AUTHORIZATION_FAILED` from `send`), and fails the outputs it had queued in their
+///   delivery reports, after which the commit fails only as "messages failed delivery". Taken
+///   for the record's fault, every record would be retried and then dead-lettered — with a
+///   dead-letter topic configured, the whole input would be.
+pub(crate) fn permission_refusal_hint(error: &KafkaError) -> Option<&'static str> {
     match error.rdkafka_error_code()? {
         code @ (RDKafkaErrorCode::TopicAuthorizationFailed
-        | RDKafkaErrorCode::GroupAuthorizationFailed) => hint_for(code),
+        | RDKafkaErrorCode::GroupAuthorizationFailed
+        | RDKafkaErrorCode::ClusterAuthorizationFailed
+        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => hint_for(code),
         _ => None,
     }
 }

@@ -107,7 +107,7 @@ pub(crate) fn partitions<C: ConsumerContext>(
     let found = md.topics().iter().find(|t| t.name() == topic);
     if let Some(code) = found.and_then(|t| t.error()).map(RDKafkaErrorCode::from) {
         let source = KafkaError::MetadataFetch(code);
-        if let Some(hint) = crate::error::consumer_refusal_hint(&source) {
+        if let Some(hint) = crate::error::permission_refusal_hint(&source) {
             return Err(Error::Refused {
                 operation: "reading a topic's metadata",
                 hint,

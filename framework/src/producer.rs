@@ -56,6 +56,11 @@ pub(crate) struct DeliveryContext {
     /// Records that failed or were purged after they had been sent, since the transaction
     /// began.
     possibly_written: AtomicU64,
+    /// The first delivery failure since the transaction began that is a permission the broker
+    /// refused (see [`crate::error::permission_refusal_hint`]). librdkafka fails such outputs
+    /// locally once the broker has refused the topic, and the commit then fails only as
+    /// "messages failed delivery"; this is what says why.
+    refused: Mutex<Option<KafkaError>>,
     errors: ClientErrors,
 }
 
@@ -63,8 +68,13 @@ impl DeliveryContext {
     fn new() -> Self {
         Self {
             possibly_written: AtomicU64::new(0),
+            refused: Mutex::new(None),
             errors: ClientErrors::new("producer"),
         }
+    }
+
+    fn refused(&self) -> std::sync::MutexGuard<'_, Option<KafkaError>> {
+        self.refused.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -88,6 +98,9 @@ impl ProducerContext for DeliveryContext {
         if let Err((error, message)) = result {
             if may_have_been_written(message) {
                 self.possibly_written.fetch_add(1, Ordering::Relaxed);
+            }
+            if crate::error::permission_refusal_hint(error).is_some() {
+                self.refused().get_or_insert_with(|| error.clone());
             }
             // One line per record would flood the log when a whole transaction fails; the
             // abort that follows is logged once, with the cause.
@@ -253,6 +266,7 @@ impl TxProducer {
             .context()
             .possibly_written
             .store(0, Ordering::Relaxed);
+        *self.inner.context().refused() = None;
         self.begin_transaction()?;
         self.uncommitted().get_or_insert_with(Instant::now);
         Ok(())
@@ -454,7 +468,8 @@ impl TxProducer {
         let acknowledged = started.elapsed();
         self.retrying("commit_transaction", |p| {
             p.inner.commit_transaction(p.call_timeout)
-        })?;
+        })
+        .map_err(|e| self.refused_delivery("commit_transaction").unwrap_or(e))?;
         *self.uncommitted() = None;
         Ok(acknowledged)
     }
@@ -583,6 +598,18 @@ impl TxProducer {
             Some((operation, waited)) => Err(Error::ProducerHung { operation, waited }),
             None => Ok(()),
         }
+    }
+
+    /// [`Error::Refused`] for a permission refused to an output of this transaction (see
+    /// [`DeliveryContext::refused`]), if one was.
+    fn refused_delivery(&self, operation: &'static str) -> Option<Error> {
+        let source = self.inner.context().refused().take()?;
+        let hint = crate::error::permission_refusal_hint(&source)?;
+        Some(Error::Refused {
+            operation,
+            hint,
+            source,
+        })
     }
 
     fn error(&self, operation: &'static str, e: KafkaError) -> Error {
@@ -755,6 +782,39 @@ mod tests {
             let record = OutputRecord::to("out").value(vec![i]);
             producer.send(&record, None, None).map_err(|e| e.0)?;
         }
+        Ok(())
+    }
+
+    /// Outputs queued before librdkafka knew their topic, which the broker then refused this
+    /// principal (`TOPIC_AUTHORIZATION_FAILED` in the topic's metadata): librdkafka fails them
+    /// in their delivery reports and the commit only as "messages failed delivery", an
+    /// abortable error that, aborted and retried, would fail again. The commit must say
+    /// `Error::Refused`, naming the permission. Against the real broker, with ACLs:
+    /// `integration-tests/tests/authorization.rs`.
+    #[test]
+    fn a_commit_whose_outputs_were_refused_their_topic_is_refused()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(1)?;
+        mock.create_topic("out", 1, 1)?;
+        mock.topic_error(
+            "out",
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )?;
+        let config = mock_config(&mock, "refused-topic", Duration::from_secs(30)).build()?;
+        let producer = TxProducer::create_and_init(&config, &config.transactional_id())?;
+        producer.begin()?;
+        // Queued at once: librdkafka has not asked for this topic's metadata yet.
+        send_some(&producer)?;
+        let committed = producer.commit();
+        assert!(
+            matches!(&committed, Err(Error::Refused { operation: "commit_transaction", source, .. })
+                if source.rdkafka_error_code() == Some(RDKafkaErrorCode::TopicAuthorizationFailed)),
+            "{committed:?}"
+        );
+        // The next transaction starts with no refusal remembered.
+        producer.abort()?;
+        producer.begin()?;
+        assert!(producer.inner.context().refused().is_none());
         Ok(())
     }
 

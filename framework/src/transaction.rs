@@ -1013,7 +1013,7 @@ where
                 true
             }
             Some(Err(e)) => {
-                if let Some(hint) = crate::error::consumer_refusal_hint(&e) {
+                if let Some(hint) = crate::error::permission_refusal_hint(&e) {
                     defer(
                         shared,
                         Step::Stop(Error::Refused {
@@ -1559,6 +1559,14 @@ where
                             source.as_deref(),
                             message.timestamp().to_millis(),
                         ) {
+                            // A permission is not the record's fault: stop, as the commit would.
+                            if let Some(hint) = crate::error::permission_refusal_hint(&rejected.0) {
+                                return Err(Step::Stop(Error::Refused {
+                                    operation: "producing an output record",
+                                    hint,
+                                    source: rejected.0,
+                                }));
+                            }
                             // Some of this record's outputs may already be in the transaction;
                             // only an abort takes them out again.
                             let reason = format!("an output record was rejected: {}", rejected.0);
@@ -1595,10 +1603,16 @@ where
                         &config.instance_id,
                     );
                     if let Err(rejected) = producer.send(&letter, None, None) {
-                        return Err(Step::Stop(Error::kafka(
-                            "dead-lettering a record",
-                            rejected.0,
-                        )));
+                        return Err(Step::Stop(
+                            match crate::error::permission_refusal_hint(&rejected.0) {
+                                Some(hint) => Error::Refused {
+                                    operation: "dead-lettering a record",
+                                    hint,
+                                    source: rejected.0,
+                                },
+                                None => Error::kafka("dead-lettering a record", rejected.0),
+                            },
+                        ));
                     }
                     tracing::warn!(
                         topic = message.topic(),
