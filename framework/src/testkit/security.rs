@@ -5,11 +5,11 @@
 //! for ever or sit idle (guide, section 5). librdkafka's mock cluster can only inject the error
 //! codes; a real broker with a real authorizer shows which requests are refused, and that the
 //! ACLs the guide lists are enough. rust-rdkafka has no ACL API, so [`create_acls_blocking`]
-//! calls librdkafka's `rd_kafka_CreateAcls` directly.
+//! calls librdkafka's `rd_kafka_CreateAcls` (and `rd_kafka_DescribeAcls`) directly.
 
 use std::ffi::{CStr, CString, c_char};
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::AdminClient;
@@ -135,14 +135,23 @@ impl Acl {
     }
 }
 
-/// How long the broker has to answer `CreateAcls`.
+/// How long the broker has to answer `CreateAcls`, and then to show every new ACL.
 const ACL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Creates `acls` through an admin client made from `config`. Blocks until the broker answers;
-/// run it on a blocking thread.
+/// Creates `acls` through an admin client made from `config`, and returns once the broker
+/// enforces them. Blocks; run it on a blocking thread.
+///
+/// Why wait after `CreateAcls` has answered: in KRaft the controller answers once the ACLs are
+/// committed to the metadata log, and the broker's authorizer applies them a moment later, when
+/// it reads that log. A client that connects in between is refused. `DescribeAcls` is answered
+/// from the broker's authorizer, so once it lists an ACL, the ACL is enforced.
 #[allow(
     unsafe_code,
-    reason = "rust-rdkafka has no ACL API; this calls librdkafka's CreateAcls directly"
+    reason = "rust-rdkafka has no ACL API; this calls librdkafka's CreateAcls and DescribeAcls"
+)]
+#[expect(
+    clippy::disallowed_methods,
+    reason = "runs on a blocking thread (spawn_blocking in Kafka::create_acls)"
 )]
 pub(crate) fn create_acls_blocking(config: &ClientConfig, acls: &[Acl]) -> Result<()> {
     if acls.is_empty() {
@@ -154,129 +163,44 @@ pub(crate) fn create_acls_blocking(config: &ClientConfig, acls: &[Acl]) -> Resul
             source,
         })?;
     let rk = admin.inner().native_ptr();
-    let failed = |acl: Option<&Acl>, code: RDKafkaErrorCode, why: String| TestkitError::Admin {
-        context: match acl {
-            Some(acl) => format!("creating ACL {acl:?}: {why}"),
-            None => format!("creating ACLs: {why}"),
-        },
-        source: KafkaError::AdminOp(code),
-    };
 
-    // Owns what librdkafka allocated, whatever happens below.
-    struct Owned {
-        bindings: Vec<*mut rd::rd_kafka_AclBinding_t>,
-        queue: *mut rd::rd_kafka_queue_t,
-        event: *mut rd::rd_kafka_event_t,
-    }
-    impl Drop for Owned {
-        fn drop(&mut self) {
-            // SAFETY: each pointer is null or was returned by librdkafka's matching
-            // constructor and is destroyed only here, once.
-            unsafe {
-                if !self.event.is_null() {
-                    rd::rd_kafka_event_destroy(self.event);
-                }
-                if !self.queue.is_null() {
-                    rd::rd_kafka_queue_destroy(self.queue);
-                }
-                for &b in &self.bindings {
-                    rd::rd_kafka_AclBinding_destroy(b);
-                }
-            }
-        }
-    }
-    let mut owned = Owned {
-        bindings: Vec::with_capacity(acls.len()),
-        queue: std::ptr::null_mut(),
-        event: std::ptr::null_mut(),
-    };
-
-    let c_string = |what: &str, s: &str| {
-        CString::new(s).map_err(|_| {
-            failed(
-                None,
-                RDKafkaErrorCode::InvalidArgument,
-                format!("{what} {s:?} contains a NUL byte"),
-            )
-        })
-    };
-    let host = c_string("host", "*")?;
+    let mut bindings = Bindings(Vec::with_capacity(acls.len()));
     for acl in acls {
-        let name = c_string("resource name", &acl.name)?;
-        let principal = c_string("principal", &acl.principal)?;
-        let mut errstr: [c_char; 512] = [0; 512];
-        // SAFETY: the strings are NUL-terminated and outlive the call (librdkafka copies
-        // them); `errstr` is writable for its stated length.
-        let binding = unsafe {
-            rd::rd_kafka_AclBinding_new(
-                resource_type(acl.resource),
-                name.as_ptr(),
-                if acl.prefixed {
-                    rd::rd_kafka_ResourcePatternType_t::RD_KAFKA_RESOURCE_PATTERN_PREFIXED
-                } else {
-                    rd::rd_kafka_ResourcePatternType_t::RD_KAFKA_RESOURCE_PATTERN_LITERAL
-                },
-                principal.as_ptr(),
-                host.as_ptr(),
-                operation(acl.operation),
-                rd::rd_kafka_AclPermissionType_t::RD_KAFKA_ACL_PERMISSION_TYPE_ALLOW,
-                errstr.as_mut_ptr(),
-                errstr.len(),
-            )
-        };
-        if binding.is_null() {
-            // SAFETY: librdkafka wrote a NUL-terminated message into `errstr`.
-            let why = unsafe { CStr::from_ptr(errstr.as_ptr()) }
-                .to_string_lossy()
-                .into_owned();
-            return Err(failed(Some(acl), RDKafkaErrorCode::InvalidArgument, why));
-        }
-        owned.bindings.push(binding);
+        bindings.0.push(new_binding(acl, Binding::Acl)?);
     }
-
-    let timeout_ms = i32::try_from(ACL_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: `rk` is the admin client's live handle (`admin` outlives `owned`'s use of it);
-    // the bindings array is valid for the call, and librdkafka copies what it keeps; the
-    // result arrives on `queue` as one event, destroyed by `owned`.
-    unsafe {
-        owned.queue = rd::rd_kafka_queue_new(rk);
+    // SAFETY: `rk` is the admin client's live handle (`admin` outlives every use of it here);
+    // the bindings array is valid for the call and stays owned by `bindings` (librdkafka copies
+    // what it keeps).
+    let answer = AdminEvent::call(rk, |queue| unsafe {
         rd::rd_kafka_CreateAcls(
             rk,
-            owned.bindings.as_mut_ptr(),
-            owned.bindings.len(),
+            bindings.0.as_mut_ptr(),
+            bindings.0.len(),
             std::ptr::null_mut(),
-            owned.queue,
+            queue,
         );
-        owned.event = rd::rd_kafka_queue_poll(owned.queue, timeout_ms);
-    }
-    if owned.event.is_null() {
-        return Err(failed(
-            None,
-            RDKafkaErrorCode::RequestTimedOut,
-            format!("no answer within {ACL_TIMEOUT:?}"),
-        ));
-    }
-    // SAFETY: `owned.event` is a live event; the strings and arrays read here belong to it
-    // and are read before it is destroyed.
+    })?;
+    answer.check()?;
+    // SAFETY: the result and its array belong to `answer`, alive until the end of this block.
     unsafe {
-        let err = rd::rd_kafka_event_error(owned.event);
-        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            let why = CStr::from_ptr(rd::rd_kafka_event_error_string(owned.event))
-                .to_string_lossy()
-                .into_owned();
-            return Err(failed(None, RDKafkaErrorCode::from(err), why));
-        }
-        let result = rd::rd_kafka_event_CreateAcls_result(owned.event);
+        let result = rd::rd_kafka_event_CreateAcls_result(answer.event);
         if result.is_null() {
             return Err(failed(
                 None,
                 RDKafkaErrorCode::Fail,
-                "the answer was not a CreateAcls result".into(),
+                "the answer was not a CreateAcls result",
             ));
         }
         let mut n = 0usize;
         let results = rd::rd_kafka_CreateAcls_result_acls(result, &raw mut n);
-        for (i, acl) in acls.iter().enumerate().take(n) {
+        if n != acls.len() {
+            return Err(failed(
+                None,
+                RDKafkaErrorCode::Fail,
+                format!("{n} results for {} ACLs", acls.len()),
+            ));
+        }
+        for (i, acl) in acls.iter().enumerate() {
             let error = rd::rd_kafka_acl_result_error(*results.add(i));
             if !error.is_null() {
                 let code = RDKafkaErrorCode::from(rd::rd_kafka_error_code(error));
@@ -286,17 +210,192 @@ pub(crate) fn create_acls_blocking(config: &ClientConfig, acls: &[Acl]) -> Resul
                 return Err(failed(Some(acl), code, why));
             }
         }
-        if n != acls.len() {
-            return Err(failed(
-                None,
-                RDKafkaErrorCode::Fail,
-                format!("{n} results for {} ACLs", acls.len()),
-            ));
+    }
+    drop(answer);
+    drop(bindings);
+
+    let deadline = Instant::now() + ACL_TIMEOUT;
+    for acl in acls {
+        let filter = Bindings(vec![new_binding(acl, Binding::Filter)?]);
+        for tries in 1.. {
+            // SAFETY: as for CreateAcls; the filter stays owned by `filter`.
+            let answer = AdminEvent::call(rk, |queue| unsafe {
+                rd::rd_kafka_DescribeAcls(rk, filter.0[0], std::ptr::null(), queue);
+            })?;
+            answer.check()?;
+            // SAFETY: the result belongs to `answer`, alive for this block.
+            let listed = unsafe {
+                let result = rd::rd_kafka_event_DescribeAcls_result(answer.event);
+                let mut n = 0usize;
+                if !result.is_null() {
+                    rd::rd_kafka_DescribeAcls_result_acls(result, &raw mut n);
+                }
+                n
+            };
+            if listed > 0 {
+                tracing::debug!(?acl, tries, "ACL enforced");
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(failed(
+                    Some(acl),
+                    RDKafkaErrorCode::RequestTimedOut,
+                    format!("created, but the broker did not list it within {ACL_TIMEOUT:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
-    drop(owned);
     drop(admin);
     Ok(())
+}
+
+fn failed(acl: Option<&Acl>, code: RDKafkaErrorCode, why: impl fmt::Display) -> TestkitError {
+    TestkitError::Admin {
+        context: match acl {
+            Some(acl) => format!("creating ACL {acl:?}: {why}"),
+            None => format!("creating ACLs: {why}"),
+        },
+        source: KafkaError::AdminOp(code),
+    }
+}
+
+/// ACL bindings (or filters) librdkafka allocated, destroyed with this.
+struct Bindings(Vec<*mut rd::rd_kafka_AclBinding_t>);
+
+impl Drop for Bindings {
+    #[allow(unsafe_code, reason = "frees what librdkafka allocated")]
+    fn drop(&mut self) {
+        for &b in &self.0 {
+            // SAFETY: each was returned by `rd_kafka_AclBinding_new` or
+            // `rd_kafka_AclBindingFilter_new` and is destroyed only here, once.
+            unsafe { rd::rd_kafka_AclBinding_destroy(b) };
+        }
+    }
+}
+
+/// Which of librdkafka's constructors [`new_binding`] calls.
+#[derive(Clone, Copy)]
+enum Binding {
+    /// An ACL to create.
+    Acl,
+    /// A filter that matches exactly that ACL.
+    Filter,
+}
+
+#[allow(unsafe_code, reason = "librdkafka's ACL binding constructors")]
+fn new_binding(acl: &Acl, kind: Binding) -> Result<*mut rd::rd_kafka_AclBinding_t> {
+    let c_string = |what: &str, s: &str| {
+        CString::new(s).map_err(|_| {
+            failed(
+                Some(acl),
+                RDKafkaErrorCode::InvalidArgument,
+                format!("{what} {s:?} contains a NUL byte"),
+            )
+        })
+    };
+    let name = c_string("resource name", &acl.name)?;
+    let principal = c_string("principal", &acl.principal)?;
+    let host = c_string("host", "*")?;
+    let pattern = if acl.prefixed {
+        rd::rd_kafka_ResourcePatternType_t::RD_KAFKA_RESOURCE_PATTERN_PREFIXED
+    } else {
+        rd::rd_kafka_ResourcePatternType_t::RD_KAFKA_RESOURCE_PATTERN_LITERAL
+    };
+    let constructor = match kind {
+        Binding::Acl => rd::rd_kafka_AclBinding_new,
+        Binding::Filter => rd::rd_kafka_AclBindingFilter_new,
+    };
+    let mut errstr: [c_char; 512] = [0; 512];
+    // SAFETY: the strings are NUL-terminated and outlive the call (librdkafka copies them);
+    // `errstr` is writable for its stated length.
+    let binding = unsafe {
+        constructor(
+            resource_type(acl.resource),
+            name.as_ptr(),
+            pattern,
+            principal.as_ptr(),
+            host.as_ptr(),
+            operation(acl.operation),
+            rd::rd_kafka_AclPermissionType_t::RD_KAFKA_ACL_PERMISSION_TYPE_ALLOW,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        )
+    };
+    if binding.is_null() {
+        // SAFETY: librdkafka wrote a NUL-terminated message into `errstr`.
+        let why = unsafe { CStr::from_ptr(errstr.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        return Err(failed(Some(acl), RDKafkaErrorCode::InvalidArgument, why));
+    }
+    Ok(binding)
+}
+
+/// The answer to one admin request, on a queue of its own; both destroyed with this.
+struct AdminEvent {
+    queue: *mut rd::rd_kafka_queue_t,
+    event: *mut rd::rd_kafka_event_t,
+}
+
+impl AdminEvent {
+    /// Makes a queue, lets `request` send the request with it, and waits for the answer.
+    #[allow(unsafe_code, reason = "librdkafka's queue and event API")]
+    fn call(
+        rk: *mut rd::rd_kafka_t,
+        request: impl FnOnce(*mut rd::rd_kafka_queue_t),
+    ) -> Result<Self> {
+        // SAFETY: `rk` is a live client handle (the caller's admin client).
+        let queue = unsafe { rd::rd_kafka_queue_new(rk) };
+        let mut this = Self {
+            queue,
+            event: std::ptr::null_mut(),
+        };
+        request(this.queue);
+        let timeout_ms = i32::try_from(ACL_TIMEOUT.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `this.queue` is the live queue the request answers on.
+        this.event = unsafe { rd::rd_kafka_queue_poll(this.queue, timeout_ms) };
+        if this.event.is_null() {
+            return Err(failed(
+                None,
+                RDKafkaErrorCode::RequestTimedOut,
+                format!("no answer within {ACL_TIMEOUT:?}"),
+            ));
+        }
+        Ok(this)
+    }
+
+    /// The request's own error, if it failed as a whole.
+    #[allow(unsafe_code, reason = "librdkafka's event API")]
+    fn check(&self) -> Result<()> {
+        // SAFETY: `self.event` is a live event; its error string belongs to it.
+        unsafe {
+            let err = rd::rd_kafka_event_error(self.event);
+            if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return Ok(());
+            }
+            let why = CStr::from_ptr(rd::rd_kafka_event_error_string(self.event))
+                .to_string_lossy()
+                .into_owned();
+            Err(failed(None, RDKafkaErrorCode::from(err), why))
+        }
+    }
+}
+
+impl Drop for AdminEvent {
+    #[allow(unsafe_code, reason = "frees what librdkafka allocated")]
+    fn drop(&mut self) {
+        // SAFETY: each pointer is null or was returned by librdkafka's matching constructor
+        // and is destroyed only here, once; the event before its queue.
+        unsafe {
+            if !self.event.is_null() {
+                rd::rd_kafka_event_destroy(self.event);
+            }
+            if !self.queue.is_null() {
+                rd::rd_kafka_queue_destroy(self.queue);
+            }
+        }
+    }
 }
 
 fn resource_type(r: AclResource) -> rd::rd_kafka_ResourceType_t {
