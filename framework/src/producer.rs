@@ -100,7 +100,17 @@ impl ProducerContext for DeliveryContext {
                 self.possibly_written.fetch_add(1, Ordering::Relaxed);
             }
             if crate::error::permission_refusal_hint(error).is_some() {
-                self.refused().get_or_insert_with(|| error.clone());
+                let mut refused = self.refused();
+                if refused.is_none() {
+                    // The error does not name the topic; an instance with several outputs
+                    // needs to know which.
+                    tracing::error!(
+                        topic = rdkafka::message::Message::topic(message),
+                        %error,
+                        "the broker refused this instance's principal an output topic"
+                    );
+                    *refused = Some(error.clone());
+                }
             }
             // One line per record would flood the log when a whole transaction fails; the
             // abort that follows is logged once, with the cause.

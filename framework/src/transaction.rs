@@ -1561,6 +1561,13 @@ where
                         ) {
                             // A permission is not the record's fault: stop, as the commit would.
                             if let Some(hint) = crate::error::permission_refusal_hint(&rejected.0) {
+                                // The error does not name the topic; an instance with several
+                                // outputs needs to know which.
+                                tracing::error!(
+                                    topic = &*output.topic,
+                                    error = %rejected.0,
+                                    "the broker refuses this instance's principal an output topic"
+                                );
                                 return Err(Step::Stop(Error::Refused {
                                     operation: "producing an output record",
                                     hint,
