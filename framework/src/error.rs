@@ -215,7 +215,8 @@ pub enum Error {
 
     /// A topic does not exist. A pipeline checks its input topics at start-up, and stops with
     /// this when one is deleted while it runs, unless its consumer may have the broker create
-    /// them (`allow.auto.create.topics=true`).
+    /// them (`allow.auto.create.topics=true`); and when the outputs of a transaction failed and
+    /// the cluster's metadata says their topic does not exist.
     #[error("topic {topic} does not exist (or has no partitions)")]
     MissingTopic {
         /// The topic.

@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
+use rdkafka::client::{Client, ClientContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -88,18 +89,30 @@ pub struct PartitionOffsets {
 }
 
 /// Partitions of `topic` (sorted), with clear errors for an unreachable cluster, a topic this
-/// client may not describe and a missing topic. Shared with [`crate::verify`] and with the
-/// pipeline's start-up check of its input topics.
+/// client may not describe and a missing topic. Shared with [`crate::verify`], with the
+/// pipeline's start-up check of its input topics, and with the producer side's check of an
+/// output topic whose records failed.
 ///
-/// The metadata request never creates the topic: `client` is a consumer, whose
-/// `allow.auto.create.topics` is off unless its configuration turns it on.
-pub(crate) fn partitions<C: ConsumerContext>(
-    client: &BaseConsumer<C>,
+/// The metadata request creates the topic only if `client` may have the broker create topics
+/// (`allow.auto.create.topics`: off for a consumer unless its configuration turns it on, on by
+/// default for a producer) and the broker allows it.
+pub(crate) fn partitions<C: ClientContext>(
+    client: &Client<C>,
     bootstrap_servers: &str,
     topic: &str,
 ) -> Result<Vec<i32>, Error> {
+    partitions_within(client, bootstrap_servers, topic, TIMEOUT)
+}
+
+/// [`partitions`], waiting at most `timeout` for the cluster's answer.
+pub(crate) fn partitions_within<C: ClientContext>(
+    client: &Client<C>,
+    bootstrap_servers: &str,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, Error> {
     let md = client
-        .fetch_metadata(Some(topic), TIMEOUT)
+        .fetch_metadata(Some(topic), timeout)
         .map_err(|source| Error::Unreachable {
             bootstrap_servers: bootstrap_servers.to_owned(),
             source,
@@ -136,7 +149,7 @@ pub fn topic_offsets(
 ) -> Result<Vec<PartitionOffsets>, Error> {
     let uncommitted = conn.client(group, "read_uncommitted")?;
     let committed_reader = conn.client(group, "read_committed")?;
-    let parts = partitions(&uncommitted, &conn.bootstrap_servers, topic)?;
+    let parts = partitions(uncommitted.client(), &conn.bootstrap_servers, topic)?;
     let committed = match group {
         Some(_) => committed_offsets(&uncommitted, topic, &parts)?,
         None => BTreeMap::new(),
@@ -330,7 +343,7 @@ pub fn offsets_for_time(
     timestamp_ms: i64,
 ) -> Result<BTreeMap<i32, Option<i64>>, Error> {
     let client = conn.client(None, "read_committed")?;
-    let parts = partitions(&client, &conn.bootstrap_servers, topic)?;
+    let parts = partitions(client.client(), &conn.bootstrap_servers, topic)?;
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
         tpl.add_partition_offset(topic, *p, Offset::Offset(timestamp_ms))

@@ -42,6 +42,9 @@ use crate::processor::OutputRecord;
 /// and then the instance stops without aborting.
 const RETRY_WINDOW_FACTOR: u32 = 3;
 
+/// How long [`TxProducer::output_topic_gone`] waits for the cluster's metadata.
+const TOPIC_QUESTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long past its own timeout a watched call may take before the producer is given up as
 /// hung (see [`watched`]). librdkafka enforces a call's timeout on its own threads and returns
 /// shortly after it; this margin only has to cover a slow machine's scheduling.
@@ -61,6 +64,11 @@ pub(crate) struct DeliveryContext {
     /// locally once the broker has refused the topic, and the commit then fails only as
     /// "messages failed delivery"; this is what says why.
     refused: Mutex<Option<KafkaError>>,
+    /// The topic of the first delivery failure since the transaction began, whatever its
+    /// error: when the commit fails, whether that topic exists is the question (see
+    /// [`TxProducer::output_topic_gone`]). An output topic that does not exist fails its
+    /// records only once librdkafka has waited for it (`message.timeout.ms`), as timed out.
+    failed_topic: Mutex<Option<String>>,
     errors: ClientErrors,
 }
 
@@ -69,12 +77,19 @@ impl DeliveryContext {
         Self {
             possibly_written: AtomicU64::new(0),
             refused: Mutex::new(None),
+            failed_topic: Mutex::new(None),
             errors: ClientErrors::new("producer"),
         }
     }
 
     fn refused(&self) -> std::sync::MutexGuard<'_, Option<KafkaError>> {
         self.refused.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn failed_topic(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.failed_topic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -99,6 +114,8 @@ impl ProducerContext for DeliveryContext {
             if may_have_been_written(message) {
                 self.possibly_written.fetch_add(1, Ordering::Relaxed);
             }
+            self.failed_topic()
+                .get_or_insert_with(|| rdkafka::message::Message::topic(message).to_owned());
             if crate::error::permission_refusal_hint(error).is_some() {
                 let mut refused = self.refused();
                 if refused.is_none() {
@@ -163,6 +180,8 @@ pub(crate) struct TxProducer {
     /// Shared only with a [`watched`] call's thread, which drops its handle before it reports.
     inner: Arc<ThreadedProducer<DeliveryContext>>,
     transactional_id: String,
+    /// For the errors of [`Self::output_topic_gone`].
+    bootstrap_servers: String,
     call_timeout: Duration,
     /// When the first transaction begun since this producer's last commit began (`None` right
     /// after a commit, and for a new producer): since then the coordinator may hold a
@@ -255,6 +274,7 @@ impl TxProducer {
         let producer = Self {
             inner: Arc::new(inner),
             transactional_id: transactional_id.to_owned(),
+            bootstrap_servers: config.bootstrap_servers.clone(),
             call_timeout: config.transaction_timeout,
             uncommitted_since: Mutex::new(None),
             id_unknown: AtomicBool::new(false),
@@ -277,6 +297,7 @@ impl TxProducer {
             .possibly_written
             .store(0, Ordering::Relaxed);
         *self.inner.context().refused() = None;
+        *self.inner.context().failed_topic() = None;
         self.begin_transaction()?;
         self.uncommitted().get_or_insert_with(Instant::now);
         Ok(())
@@ -479,7 +500,11 @@ impl TxProducer {
         self.retrying("commit_transaction", |p| {
             p.inner.commit_transaction(p.call_timeout)
         })
-        .map_err(|e| self.refused_delivery("commit_transaction").unwrap_or(e))?;
+        .map_err(|e| {
+            self.refused_delivery("commit_transaction")
+                .or_else(|| self.failed_topic_gone())
+                .unwrap_or(e)
+        })?;
         *self.uncommitted() = None;
         Ok(acknowledged)
     }
@@ -620,6 +645,42 @@ impl TxProducer {
             hint,
             source,
         })
+    }
+
+    /// [`Self::output_topic_gone`] for the topic of this transaction's first failed delivery,
+    /// if one failed.
+    fn failed_topic_gone(&self) -> Option<Error> {
+        let topic = self.inner.context().failed_topic().take()?;
+        self.output_topic_gone(&topic)
+    }
+
+    /// [`Error::MissingTopic`] if output topic `topic` does not exist, or [`Error::Refused`] if
+    /// this instance may not see it: asked of the cluster's metadata when records to it failed.
+    ///
+    /// Why: an output topic nobody created (a typo, a topic not provisioned) fails every
+    /// record sent to it, in every retry, and the commit only says that records failed. The
+    /// instance aborted and retried, each time after librdkafka had waited `message.timeout.ms`
+    /// for the topic; the broker timed its transactions out meanwhile, and after ~55 s it
+    /// stopped as fenced by a newer instance, which there was not.
+    ///
+    /// Asked after any failed delivery, because librdkafka fails the records of a topic that
+    /// does not exist as timed out (`_MSG_TIMED_OUT`), as it does records a broker outage kept
+    /// from their partition. So the question is bounded by [`TOPIC_QUESTION_TIMEOUT`]: in an
+    /// outage it costs the failed commit at most that, and an unanswered question is no answer.
+    /// Blocks for one metadata request; on the pipeline's own threads, only on failure.
+    pub(crate) fn output_topic_gone(&self, topic: &str) -> Option<Error> {
+        match crate::offsets::partitions_within(
+            self.inner.client(),
+            &self.bootstrap_servers,
+            topic,
+            TOPIC_QUESTION_TIMEOUT,
+        ) {
+            Err(e @ (Error::MissingTopic { .. } | Error::Refused { .. })) => {
+                tracing::error!(topic, error = %e, "an output topic is missing or refused");
+                Some(e)
+            }
+            _ => None,
+        }
     }
 
     fn error(&self, operation: &'static str, e: KafkaError) -> Error {

@@ -1069,7 +1069,7 @@ fn check_input_topics<Ctx: rdkafka::consumer::ConsumerContext>(
         return Ok(());
     }
     for topic in &config.input_topics {
-        crate::offsets::partitions(consumer, &config.bootstrap_servers, topic)?;
+        crate::offsets::partitions(consumer.client(), &config.bootstrap_servers, topic)?;
     }
     Ok(())
 }

@@ -1375,3 +1375,48 @@ async fn a_partitions_backlog_does_not_hold_back_the_other_partitions() {
         committed.len()
     );
 }
+
+/// A pipeline whose output topic does not exist (a typo, a topic not provisioned) stops with
+/// `Error::MissingTopic` naming it, with nothing committed — and, with a dead-letter topic
+/// configured, nothing dead-lettered: the records are not at fault. librdkafka fails records
+/// to a topic that does not exist as timed out, after `message.timeout.ms`, and the commit says
+/// only that they failed. Without the check the instance aborted and retried every ~11 s, the
+/// broker timed out its transactions meanwhile, and after 55 s it stopped as fenced by a newer
+/// instance, which there was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_whose_output_topic_does_not_exist_stops_and_dead_letters_nothing() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    let input_topic = unique("eos-missing-out-in");
+    let dead_letters = unique("eos-missing-out-dlq");
+    let missing = unique("eos-missing-out-out");
+    kafka.create_topic(&input_topic, 3, 1).await.expect("input");
+    kafka
+        .create_topic(&dead_letters, 1, 1)
+        .await
+        .expect("dead-letter topic");
+    let input = events(300, 7);
+    produce_events(kafka, &input_topic, &input).await;
+    let config = test_config(kafka, &unique("eos-missing-out-app"), "0", &input_topic)
+        .dead_letter_topic(&dead_letters)
+        .build()
+        .expect("config");
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(
+        Duration::from_secs(90),
+        Pipeline::new(config, Enrich::new(&missing, "0")).run(),
+    )
+    .await
+    .expect("the pipeline stops by itself");
+    println!("stopped after {:?} with: {result:?}", started.elapsed());
+    assert!(
+        matches!(&result, Err(onceflow::Error::MissingTopic { topic }) if *topic == missing),
+        "{result:?}"
+    );
+    let lettered = read(kafka, &dead_letters, Isolation::ReadUncommitted).await;
+    assert!(
+        lettered.is_empty(),
+        "{} records sent to the dead-letter topic",
+        lettered.len()
+    );
+}
