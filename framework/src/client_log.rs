@@ -34,7 +34,7 @@ pub(crate) fn log_librdkafka(level: RDKafkaLogLevel, fac: &str, message: &str) {
 ///
 /// Long enough that a retry loop (librdkafka retries every 0.1–1 s) logs once per window; short
 /// enough that a condition that lasts still shows up in a log read minutes later.
-pub(crate) const REPEAT_WINDOW: Duration = Duration::from_secs(10);
+const REPEAT_WINDOW: Duration = Duration::from_secs(10);
 
 /// How many distinct errors are remembered at once. If all of them are within their window, a
 /// new error is logged every time, as it would be without folding: a memory bound, never a

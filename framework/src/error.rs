@@ -344,6 +344,22 @@ pub(crate) fn permission_refusal_hint(error: &KafkaError) -> Option<&'static str
     }
 }
 
+/// `e` as [`Error::Refused`] of `operation` when it is a permission the broker refuses (see
+/// [`permission_refusal_hint`]), or `e` back for the caller's own handling.
+pub(crate) fn permission_refused(
+    operation: &'static str,
+    e: KafkaError,
+) -> Result<Error, KafkaError> {
+    match permission_refusal_hint(&e) {
+        Some(hint) => Ok(Error::Refused {
+            operation,
+            hint,
+            source: e,
+        }),
+        None => Err(e),
+    }
+}
+
 /// Whether a consumer error says a subscribed topic or its partitions are not (or no longer)
 /// in the cluster's metadata. When an input topic is deleted while the pipeline runs,
 /// librdkafka reports its partitions as no longer available (`_UNKNOWN_PARTITION`), then the

@@ -118,15 +118,13 @@ pub(crate) fn partitions_within<C: ClientContext>(
             source,
         })?;
     let found = md.topics().iter().find(|t| t.name() == topic);
-    if let Some(code) = found.and_then(|t| t.error()).map(RDKafkaErrorCode::from) {
-        let source = KafkaError::MetadataFetch(code);
-        if let Some(hint) = crate::error::permission_refusal_hint(&source) {
-            return Err(Error::Refused {
-                operation: "reading a topic's metadata",
-                hint,
-                source,
-            });
-        }
+    if let Some(code) = found.and_then(|t| t.error()).map(RDKafkaErrorCode::from)
+        && let Ok(refused) = crate::error::permission_refused(
+            "reading a topic's metadata",
+            KafkaError::MetadataFetch(code),
+        )
+    {
+        return Err(refused);
     }
     match found {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => {

@@ -42,7 +42,7 @@ use crate::processor::OutputRecord;
 /// and then the instance stops without aborting.
 const RETRY_WINDOW_FACTOR: u32 = 3;
 
-/// How long [`TxProducer::output_topic_gone`] waits for the cluster's metadata.
+/// How long [`TxProducer::failed_topic_gone`] waits for the cluster's metadata.
 const TOPIC_QUESTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long past its own timeout a watched call may take before the producer is given up as
@@ -59,37 +59,43 @@ pub(crate) struct DeliveryContext {
     /// Records that failed or were purged after they had been sent, since the transaction
     /// began.
     possibly_written: AtomicU64,
-    /// The first delivery failure since the transaction began that is a permission the broker
-    /// refused (see [`crate::error::permission_refusal_hint`]). librdkafka fails such outputs
-    /// locally once the broker has refused the topic, and the commit then fails only as
-    /// "messages failed delivery"; this is what says why.
-    refused: Mutex<Option<KafkaError>>,
-    /// The topic of the first delivery failure since the transaction began, whatever its
-    /// error: when the commit fails, whether that topic exists is the question (see
-    /// [`TxProducer::output_topic_gone`]). An output topic that does not exist fails its
-    /// records only once librdkafka has waited for it (`message.timeout.ms`), as timed out.
-    failed_topic: Mutex<Option<String>>,
+    /// What the transaction's failed deliveries say about why the commit will fail; the commit
+    /// itself then says only "messages failed delivery".
+    failures: Mutex<Failures>,
     errors: ClientErrors,
+}
+
+/// What a transaction's failed deliveries say (see [`DeliveryContext::failures`]).
+#[derive(Debug, Default)]
+struct Failures {
+    /// The topic of the first failed delivery, whatever its error: whether that topic exists is
+    /// the question when the commit fails (see [`TxProducer::failed_topic_gone`]). An output
+    /// topic that does not exist fails its records only once librdkafka has waited for it
+    /// (`message.timeout.ms`), as timed out.
+    topic: Option<String>,
+    /// The first failure that is a permission the broker refused (see
+    /// [`crate::error::permission_refusal_hint`]): librdkafka fails such outputs locally once
+    /// the broker has refused their topic.
+    refused: Option<KafkaError>,
 }
 
 impl DeliveryContext {
     fn new() -> Self {
         Self {
             possibly_written: AtomicU64::new(0),
-            refused: Mutex::new(None),
-            failed_topic: Mutex::new(None),
+            failures: Mutex::new(Failures::default()),
             errors: ClientErrors::new("producer"),
         }
     }
 
-    fn refused(&self) -> std::sync::MutexGuard<'_, Option<KafkaError>> {
-        self.refused.lock().unwrap_or_else(PoisonError::into_inner)
+    fn failures(&self) -> std::sync::MutexGuard<'_, Failures> {
+        self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn failed_topic(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.failed_topic
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// Forgets what the last transaction's deliveries said.
+    fn new_transaction(&self) {
+        self.possibly_written.store(0, Ordering::Relaxed);
+        *self.failures() = Failures::default();
     }
 }
 
@@ -114,20 +120,19 @@ impl ProducerContext for DeliveryContext {
             if may_have_been_written(message) {
                 self.possibly_written.fetch_add(1, Ordering::Relaxed);
             }
-            self.failed_topic()
-                .get_or_insert_with(|| rdkafka::message::Message::topic(message).to_owned());
-            if crate::error::permission_refusal_hint(error).is_some() {
-                let mut refused = self.refused();
-                if refused.is_none() {
-                    // The error does not name the topic; an instance with several outputs
-                    // needs to know which.
-                    tracing::error!(
-                        topic = rdkafka::message::Message::topic(message),
-                        %error,
-                        "the broker refused this instance's principal an output topic"
-                    );
-                    *refused = Some(error.clone());
-                }
+            let topic = rdkafka::message::Message::topic(message);
+            let mut failures = self.failures();
+            failures.topic.get_or_insert_with(|| topic.to_owned());
+            if failures.refused.is_none() && crate::error::permission_refusal_hint(error).is_some()
+            {
+                // The error does not name the topic; an instance with several outputs needs to
+                // know which.
+                tracing::error!(
+                    topic,
+                    %error,
+                    "the broker refused this instance's principal an output topic"
+                );
+                failures.refused = Some(error.clone());
             }
             // One line per record would flood the log when a whole transaction fails; the
             // abort that follows is logged once, with the cause.
@@ -180,7 +185,7 @@ pub(crate) struct TxProducer {
     /// Shared only with a [`watched`] call's thread, which drops its handle before it reports.
     inner: Arc<ThreadedProducer<DeliveryContext>>,
     transactional_id: String,
-    /// For the errors of [`Self::output_topic_gone`].
+    /// For the errors of [`Self::failed_topic_gone`].
     bootstrap_servers: String,
     call_timeout: Duration,
     /// When the first transaction begun since this producer's last commit began (`None` right
@@ -292,12 +297,7 @@ impl TxProducer {
     }
 
     pub(crate) fn begin(&self) -> Result<(), Error> {
-        self.inner
-            .context()
-            .possibly_written
-            .store(0, Ordering::Relaxed);
-        *self.inner.context().refused() = None;
-        *self.inner.context().failed_topic() = None;
+        self.inner.context().new_transaction();
         self.begin_transaction()?;
         self.uncommitted().get_or_insert_with(Instant::now);
         Ok(())
@@ -636,26 +636,15 @@ impl TxProducer {
     }
 
     /// [`Error::Refused`] for a permission refused to an output of this transaction (see
-    /// [`DeliveryContext::refused`]), if one was.
+    /// [`Failures::refused`]), if one was.
     fn refused_delivery(&self, operation: &'static str) -> Option<Error> {
-        let source = self.inner.context().refused().take()?;
-        let hint = crate::error::permission_refusal_hint(&source)?;
-        Some(Error::Refused {
-            operation,
-            hint,
-            source,
-        })
+        let source = self.inner.context().failures().refused.take()?;
+        crate::error::permission_refused(operation, source).ok()
     }
 
-    /// [`Self::output_topic_gone`] for the topic of this transaction's first failed delivery,
-    /// if one failed.
-    fn failed_topic_gone(&self) -> Option<Error> {
-        let topic = self.inner.context().failed_topic().take()?;
-        self.output_topic_gone(&topic)
-    }
-
-    /// [`Error::MissingTopic`] if output topic `topic` does not exist, or [`Error::Refused`] if
-    /// this instance may not see it: asked of the cluster's metadata when records to it failed.
+    /// [`Error::MissingTopic`] if the topic of this transaction's first failed delivery does
+    /// not exist, or [`Error::Refused`] if this instance may not see it, asked of the cluster's
+    /// metadata; `None` if no delivery failed, or the topic is there.
     ///
     /// Why: an output topic nobody created (a typo, a topic not provisioned) fails every
     /// record sent to it, in every retry, and the commit only says that records failed. The
@@ -668,11 +657,12 @@ impl TxProducer {
     /// from their partition. So the question is bounded by [`TOPIC_QUESTION_TIMEOUT`]: in an
     /// outage it costs the failed commit at most that, and an unanswered question is no answer.
     /// Blocks for one metadata request; on the pipeline's own threads, only on failure.
-    pub(crate) fn output_topic_gone(&self, topic: &str) -> Option<Error> {
+    fn failed_topic_gone(&self) -> Option<Error> {
+        let topic = self.inner.context().failures().topic.take()?;
         match crate::offsets::partitions_within(
             self.inner.client(),
             &self.bootstrap_servers,
-            topic,
+            &topic,
             TOPIC_QUESTION_TIMEOUT,
         ) {
             Err(e @ (Error::MissingTopic { .. } | Error::Refused { .. })) => {
@@ -885,7 +875,8 @@ mod tests {
         // The next transaction starts with no refusal remembered.
         producer.abort()?;
         producer.begin()?;
-        assert!(producer.inner.context().refused().is_none());
+        let failures = producer.inner.context().failures();
+        assert!(failures.refused.is_none() && failures.topic.is_none());
         Ok(())
     }
 

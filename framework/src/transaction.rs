@@ -1013,19 +1013,15 @@ where
                 true
             }
             Some(Err(e)) => {
-                if let Some(hint) = crate::error::permission_refusal_hint(&e) {
-                    defer(
-                        shared,
-                        Step::Stop(Error::Refused {
-                            operation: "consuming the input topics",
-                            hint,
-                            source: e,
-                        }),
-                    );
-                } else if let Some(missing) = input_topic_gone(&shared.config, consumer, &e) {
-                    defer(shared, Step::Stop(missing));
-                } else {
-                    tracing::warn!(error = %e, "consumer error");
+                match crate::error::permission_refused("consuming the input topics", e) {
+                    Ok(refused) => defer(shared, Step::Stop(refused)),
+                    Err(e) => {
+                        if let Some(missing) = input_topic_gone(&shared.config, consumer, &e) {
+                            defer(shared, Step::Stop(missing));
+                        } else {
+                            tracing::warn!(error = %e, "consumer error");
+                        }
+                    }
                 }
                 false
             }
@@ -1560,23 +1556,25 @@ where
                             message.timestamp().to_millis(),
                         ) {
                             // A permission is not the record's fault: stop, as the commit would.
-                            if let Some(hint) = crate::error::permission_refusal_hint(&rejected.0) {
-                                // The error does not name the topic; an instance with several
-                                // outputs needs to know which.
-                                tracing::error!(
-                                    topic = &*output.topic,
-                                    error = %rejected.0,
-                                    "the broker refuses this instance's principal an output topic"
-                                );
-                                return Err(Step::Stop(Error::Refused {
-                                    operation: "producing an output record",
-                                    hint,
-                                    source: rejected.0,
-                                }));
-                            }
+                            let rejected = match crate::error::permission_refused(
+                                "producing an output record",
+                                rejected.0,
+                            ) {
+                                Ok(refused) => {
+                                    // The error does not name the topic; an instance with
+                                    // several outputs needs to know which.
+                                    tracing::error!(
+                                        topic = &*output.topic,
+                                        error = %refused,
+                                        "the broker refuses this instance's principal an output topic"
+                                    );
+                                    return Err(Step::Stop(refused));
+                                }
+                                Err(rejected) => rejected,
+                            };
                             // Some of this record's outputs may already be in the transaction;
                             // only an abort takes them out again.
-                            let reason = format!("an output record was rejected: {}", rejected.0);
+                            let reason = format!("an output record was rejected: {rejected}");
                             let count = note_attempt(attempts, message, &reason);
                             return Err(Step::Abort {
                                 reason: format!("{}: {reason}", position(message)),
@@ -1611,14 +1609,8 @@ where
                     );
                     if let Err(rejected) = producer.send(&letter, None, None) {
                         return Err(Step::Stop(
-                            match crate::error::permission_refusal_hint(&rejected.0) {
-                                Some(hint) => Error::Refused {
-                                    operation: "dead-lettering a record",
-                                    hint,
-                                    source: rejected.0,
-                                },
-                                None => Error::kafka("dead-lettering a record", rejected.0),
-                            },
+                            crate::error::permission_refused("dead-lettering a record", rejected.0)
+                                .unwrap_or_else(|e| Error::kafka("dead-lettering a record", e)),
                         ));
                     }
                     tracing::warn!(
