@@ -604,6 +604,10 @@ pub(crate) struct LoopState {
     last_batch: Duration,
     /// The vectors of the last batches, for the next.
     spare: Spare,
+    /// Per transactional id, the partitions where an aborted transaction of it may have left
+    /// records open that its abort marker never reached; its next transaction begins only once
+    /// an abort marker has ended them (see `TxProducer::leftover_risk`).
+    leftovers: BTreeMap<String, BTreeSet<(String, i32)>>,
 }
 
 impl LoopState {
@@ -767,6 +771,7 @@ where
             per_record: None,
             last_batch: Duration::ZERO,
             spare: Spare::default(),
+            leftovers: BTreeMap::new(),
         }),
     });
     let consumer: PipelineConsumer<P, C> =
@@ -875,6 +880,18 @@ where
                 if let Err(e) = abort_open(&mut st, "the pipeline is stopping on an error") {
                     tracing::debug!(error = %e, "abort while stopping failed");
                 }
+            }
+            // Only this process knows of them: the next instance with these ids would commit
+            // them with its first commit into those partitions (see `LoopState::leftovers`).
+            for (transactional_id, partitions) in &st.leftovers {
+                tracing::error!(
+                    transactional_id,
+                    ?partitions,
+                    "stopping with records of an aborted transaction that may still be open in \
+                     these partitions (their abort marker was skipped by the broker while they \
+                     had no leader); before this instance id runs again, find and abort them \
+                     with `kafka-transactions.sh find-hanging` and `abort`"
+                );
             }
             // A rebalance callback waiting for the loop must be let go for the poller to stop.
             land(shared, &mut st);
@@ -1800,6 +1817,7 @@ async fn process_partition<P, C>(
 
 /// Begins a transaction that commits at `due` (or earlier, when full).
 fn begin_txn(st: &mut LoopState, due: Instant) -> Result<(), Step> {
+    end_leftovers(st)?;
     st.producer.begin().map_err(Step::from)?;
     let seq = st.next_seq;
     st.next_seq += 1;
@@ -1823,6 +1841,40 @@ fn begin_txn(st: &mut LoopState, due: Instant) -> Result<(), Step> {
     });
     Ok(())
 }
+
+/// Before the current producer's next transaction: an abort marker into every partition where
+/// an aborted transaction of its id may have left records open (see `LoopState::leftovers`).
+/// While one of them has no leader, nothing begins: the step backs off and the loop asks again.
+fn end_leftovers(st: &mut LoopState) -> Result<(), Step> {
+    let id = st.producer.transactional_id();
+    let Some(partitions) = st.leftovers.get(id) else {
+        return Ok(());
+    };
+    match st.producer.abort_leftovers(partitions) {
+        Ok(true) => {
+            st.leftovers.remove(id);
+            Ok(())
+        }
+        Ok(false) => {
+            tracing::warn!(
+                transactional_id = id,
+                ?partitions,
+                "an aborted transaction may have left records in partitions without a leader; \
+                 waiting for their leaders to end them with an abort marker before the next \
+                 transaction"
+            );
+            Err(Step::Abort {
+                reason: "waiting for output partitions to have a leader".into(),
+                backoff: Some(LEFTOVER_BACKOFF),
+            })
+        }
+        Err(e) => Err(Step::from(e)),
+    }
+}
+
+/// How long the loop waits before asking again whether the partitions of
+/// [`end_leftovers`] have a leader.
+const LEFTOVER_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Partitions whose consumer position is past the offset this instance would commit for them,
 /// with nothing unprocessed in between: everything below the position is processed or is an
@@ -2008,6 +2060,7 @@ pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPa
         return Ok(Vec::new());
     };
     let result = st.producer.abort();
+    note_leftovers(st, None);
     if result.is_ok() {
         // On an error the producer is replaced (see `recover_from`), so it must stay the one
         // `st.producer` names.
@@ -2028,6 +2081,19 @@ pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPa
         "transaction aborted; its partitions are rewound to their last committed offsets"
     );
     result.map(|()| partitions)
+}
+
+/// Remembers where the transaction that `producer` (the current producer when `None`) just
+/// failed to commit may have left records that no marker ends (see `LoopState::leftovers`).
+fn note_leftovers(st: &mut LoopState, producer: Option<&TxProducer>) {
+    let producer = producer.unwrap_or(&st.producer);
+    let risk = producer.leftover_risk();
+    if !risk.is_empty() {
+        st.leftovers
+            .entry(producer.transactional_id().to_owned())
+            .or_default()
+            .extend(risk);
+    }
 }
 
 /// Schedules seeks back to each partition's rewind point and empties the buffer (under one
@@ -2343,6 +2409,7 @@ where
                 .block_on(shared.processor.on_transaction_aborted(&partitions));
         }
     }
+    note_leftovers(&mut st, Some(&old));
     st.summary.transactions_aborted += u64::from(txn.is_some());
     st.summary.producer_recoveries += 1;
     st.producer_recoveries_in_row += 1;
