@@ -1047,6 +1047,62 @@ mod tests {
         Ok(())
     }
 
+    /// Where a transaction that did not commit may have left records that no abort marker
+    /// ends (see [`TxProducer::leftover_risk`]): the partition of records that may have been
+    /// written is noted; records an abort purged before they were ever sent (a processor's
+    /// `retry`) note nothing. And the abort marker of the runtime's own
+    /// ([`TxProducer::abort_leftovers`]) begins no transaction while the partition has no
+    /// leader — the broker would skip its marker as well — and is written once it has one.
+    /// Against the real broker, where the marker matters:
+    /// `an_output_partition_leaderless_past_the_transaction_timeout_stalls_then_resumes` in
+    /// `integration-tests/tests/chaos.rs`.
+    #[test]
+    fn leftovers_are_noted_where_records_may_be_and_ended_once_their_partition_has_a_leader()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let mock = MockCluster::new(1)?;
+        let producer = producer_with_slow_retries(&mock, "leftovers")?;
+
+        // Purged by the abort before they were ever sent (queued for a partition without a
+        // leader): nothing to end.
+        mock.partition_leader("out", 0, None)?;
+        producer.begin()?;
+        send_some(&producer)?;
+        producer.abort()?;
+        assert!(producer.leftover_risk().is_empty());
+        mock.partition_leader("out", 0, Some(1))?;
+
+        // Sent, their answer lost: the partition is noted.
+        producer.begin()?;
+        mock.request_errors(
+            rdkafka::types::RDKafkaApiKey::Produce,
+            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT],
+        );
+        send_some(&producer)?;
+        #[expect(clippy::disallowed_methods, reason = "a plain test thread")]
+        std::thread::sleep(Duration::from_secs(1));
+        assert!(matches!(
+            producer.abort(),
+            Err(Error::UnsafeAfterAbort { .. })
+        ));
+        let risk = producer.leftover_risk();
+        assert_eq!(risk, BTreeSet::from([("out".to_owned(), 0)]));
+
+        // As the loop does: a new producer with the same id ends them.
+        drop(producer);
+        let config = mock_config(&mock, "leftovers", Duration::from_secs(30)).build()?;
+        let fresh = TxProducer::create_and_init(&config, &config.transactional_id())?;
+        mock.partition_leader("out", 0, None)?;
+        assert!(!fresh.abort_leftovers(&risk)?);
+        assert!(
+            fresh.uncommitted_since().is_none(),
+            "no transaction may begin while the partition has no leader"
+        );
+        mock.partition_leader("out", 0, Some(1))?;
+        assert!(fresh.abort_leftovers(&risk)?);
+        assert!(fresh.leftover_risk().is_empty());
+        Ok(())
+    }
+
     /// A transaction whose offsets the coordinator refused because it does not know the
     /// producer's id (as after `transactional.id.expiration.ms`): the abort succeeds, and says
     /// that the producer must be initialised again — librdkafka does not get a new id after
