@@ -982,6 +982,25 @@ mod tests {
         Ok((producer, sent))
     }
 
+    /// Begins a transaction on `producer` (see [`producer_with_slow_retries`]) whose first
+    /// produce request "times out" at the broker — the records may be in the log, and
+    /// librdkafka queues them for a retry in 5 s — and aborts it a second later. Returns what
+    /// the abort returned.
+    fn abort_after_an_answer_was_lost(
+        mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+        producer: &TxProducer,
+    ) -> Result<Result<(), Error>, Box<dyn std::error::Error>> {
+        producer.begin()?;
+        mock.request_errors(
+            rdkafka::types::RDKafkaApiKey::Produce,
+            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT],
+        );
+        send_some(producer)?;
+        #[expect(clippy::disallowed_methods, reason = "a plain test thread")]
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(producer.abort())
+    }
+
     fn send_some(producer: &TxProducer) -> Result<(), Box<dyn std::error::Error>> {
         for i in 0..10u8 {
             let record = OutputRecord::to("out").value(vec![i]);
@@ -1029,17 +1048,7 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let mock = MockCluster::new(1)?;
         let producer = producer_with_slow_retries(&mock, "unsafe-after-abort")?;
-        producer.begin()?;
-        // The first produce request "times out" at the broker: the records may be in the log,
-        // and librdkafka queues them for a retry in 5 s.
-        mock.request_errors(
-            rdkafka::types::RDKafkaApiKey::Produce,
-            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT],
-        );
-        send_some(&producer)?;
-        #[expect(clippy::disallowed_methods, reason = "a plain test thread")]
-        std::thread::sleep(Duration::from_secs(1));
-        let result = producer.abort();
+        let result = abort_after_an_answer_was_lost(&mock, &producer)?;
         assert!(
             matches!(result, Err(Error::UnsafeAfterAbort { records: 10 })),
             "{result:?}"
@@ -1072,16 +1081,8 @@ mod tests {
         mock.partition_leader("out", 0, Some(1))?;
 
         // Sent, their answer lost: the partition is noted.
-        producer.begin()?;
-        mock.request_errors(
-            rdkafka::types::RDKafkaApiKey::Produce,
-            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT],
-        );
-        send_some(&producer)?;
-        #[expect(clippy::disallowed_methods, reason = "a plain test thread")]
-        std::thread::sleep(Duration::from_secs(1));
         assert!(matches!(
-            producer.abort(),
+            abort_after_an_answer_was_lost(&mock, &producer)?,
             Err(Error::UnsafeAfterAbort { .. })
         ));
         let risk = producer.leftover_risk();
