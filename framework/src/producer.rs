@@ -138,13 +138,7 @@ impl ProducerContext for DeliveryContext {
             // lose their abort marker. Not one whose record was purged unsent by an abort (every
             // abort purges; most are a processor's retry) or refused by the producer itself.
             let unreachable = error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut);
-            // Checked first: a whole transaction's records can fail, one report each.
-            if partition >= 0
-                && (written || unreachable)
-                && !failures
-                    .failed_partitions
-                    .contains(&(topic.to_owned(), partition))
-            {
+            if partition >= 0 && (written || unreachable) {
                 failures
                     .failed_partitions
                     .insert((topic.to_owned(), partition));
@@ -152,13 +146,7 @@ impl ProducerContext for DeliveryContext {
             failures.topic.get_or_insert_with(|| topic.to_owned());
             if failures.refused.is_none() && crate::error::permission_refusal_hint(error).is_some()
             {
-                // The error does not name the topic; an instance with several outputs needs to
-                // know which.
-                tracing::error!(
-                    topic,
-                    %error,
-                    "the broker refused this instance's principal an output topic"
-                );
+                log_refused_output_topic(topic, error);
                 failures.refused = Some(error.clone());
             }
             // One line per record would flood the log when a whole transaction fails; the
@@ -170,6 +158,16 @@ impl ProducerContext for DeliveryContext {
             );
         }
     }
+}
+
+/// Logs the output topic the broker refuses this instance's principal, at `ERROR`: the error
+/// does not name the topic, and an instance with several outputs needs to know which.
+pub(crate) fn log_refused_output_topic(topic: &str, error: &dyn std::fmt::Display) {
+    tracing::error!(
+        topic,
+        %error,
+        "the broker refuses this instance's principal an output topic"
+    );
 }
 
 /// Whether librdkafka reports a failed record as possibly (or certainly) in the partition's log:
@@ -704,7 +702,9 @@ impl TxProducer {
     /// left records that no abort marker ends: every partition where one of its records may
     /// have been written or timed out, and every partition without a leader now of those
     /// partitions' topics. Asked after an abort (or a fence), before the next transaction
-    /// begins; empty, without a question to the cluster, when no such delivery failed.
+    /// begins; empty, without a question to the cluster, when no such delivery failed. What it
+    /// returns is taken: asked again (the loop asks after an abort and again when it replaces
+    /// the producer), it answers for later failures only.
     ///
     /// Why: Kafka 4.x's transaction coordinator skips the markers of a partition that has no
     /// leader when the transaction ends, as if its topic had been deleted (its log: "Couldn't
@@ -715,24 +715,29 @@ impl TxProducer {
     /// of an output partition without a leader committed 17–19 outputs twice that way in two of
     /// six runs. [`Self::abort_leftovers`] writes an abort marker there first.
     pub(crate) fn leftover_risk(&self) -> BTreeSet<(String, i32)> {
-        let mut at_risk = self.inner.context().failures().failed_partitions.clone();
+        let mut at_risk = std::mem::take(&mut self.inner.context().failures().failed_partitions);
         let topics: BTreeSet<String> = at_risk.iter().map(|(t, _)| t.clone()).collect();
         for topic in topics {
-            match self.leaderless_partitions(&topic) {
-                Ok(partitions) => {
-                    at_risk.extend(partitions.into_iter().map(|p| (topic.clone(), p)))
-                }
+            match self.partition_leaders(&topic) {
+                Ok(Some(leaders)) => at_risk.extend(
+                    leaders
+                        .into_iter()
+                        .filter(|(_, leader)| *leader < 0)
+                        .map(|(p, _)| (topic.clone(), p)),
+                ),
                 // A topic that is gone took its records with it; one the cluster did not answer
                 // for keeps only the partitions known to be in doubt.
+                Ok(None) => {}
                 Err(e) => tracing::debug!(topic, error = %e, "no leaders known for a topic"),
             }
         }
         at_risk
     }
 
-    /// The partitions of `topic` without a leader, by a metadata request (bounded by
-    /// [`TOPIC_QUESTION_TIMEOUT`]).
-    fn leaderless_partitions(&self, topic: &str) -> Result<Vec<i32>, KafkaError> {
+    /// Each partition of `topic` with its leader's id (negative: none), by a metadata request
+    /// (bounded by [`TOPIC_QUESTION_TIMEOUT`]); `None` if the cluster says the topic is not
+    /// there (an error and no partitions).
+    fn partition_leaders(&self, topic: &str) -> Result<Option<BTreeMap<i32, i32>>, KafkaError> {
         let metadata = self
             .inner
             .client()
@@ -740,11 +745,14 @@ impl TxProducer {
         Ok(metadata
             .topics()
             .iter()
-            .filter(|t| t.name() == topic && t.error().is_none())
-            .flat_map(|t| t.partitions())
-            .filter(|p| p.leader() < 0)
-            .map(|p| p.id())
-            .collect())
+            .find(|t| t.name() == topic)
+            .filter(|t| t.error().is_none() || !t.partitions().is_empty())
+            .map(|t| {
+                t.partitions()
+                    .iter()
+                    .map(|p| (p.id(), p.leader()))
+                    .collect()
+            }))
     }
 
     /// Writes an abort marker of this producer id into each of `partitions`, ending whatever an
@@ -765,21 +773,16 @@ impl TxProducer {
         let mut live = BTreeSet::new();
         let topics: BTreeSet<&str> = partitions.iter().map(|(t, _)| t.as_str()).collect();
         for topic in topics {
-            let metadata = self
-                .inner
-                .client()
-                .fetch_metadata(Some(topic), TOPIC_QUESTION_TIMEOUT)
-                .map_err(|e| Error::kafka("fetching the metadata of an output topic", e))?;
-            let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
-                return Ok(false);
-            };
-            if t.error().is_some() && t.partitions().is_empty() {
+            let Some(leaders) = self
+                .partition_leaders(topic)
+                .map_err(|e| Error::kafka("fetching the metadata of an output topic", e))?
+            else {
                 // Deleted: its partitions' records are gone.
                 continue;
-            }
+            };
             for (_, partition) in partitions.iter().filter(|(name, _)| name == topic) {
-                match t.partitions().iter().find(|p| p.id() == *partition) {
-                    Some(p) if p.leader() < 0 => return Ok(false),
+                match leaders.get(partition) {
+                    Some(leader) if *leader < 0 => return Ok(false),
                     Some(_) => {
                         live.insert((topic.to_owned(), *partition));
                     }

@@ -1578,12 +1578,9 @@ where
                                 rejected.0,
                             ) {
                                 Ok(refused) => {
-                                    // The error does not name the topic; an instance with
-                                    // several outputs needs to know which.
-                                    tracing::error!(
-                                        topic = &*output.topic,
-                                        error = %refused,
-                                        "the broker refuses this instance's principal an output topic"
+                                    crate::producer::log_refused_output_topic(
+                                        &output.topic,
+                                        &refused,
                                     );
                                     return Err(Step::Stop(refused));
                                 }
