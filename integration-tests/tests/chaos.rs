@@ -121,14 +121,7 @@ impl Copier {
 
     /// The summary line the copier prints when it stops.
     fn summary_line(&self) -> String {
-        self.tail
-            .lock()
-            .expect("tail")
-            .iter()
-            .rev()
-            .find(|l| l.contains("copier stopped"))
-            .cloned()
-            .unwrap_or_default()
+        summary_line(&self.tail)
     }
 
     fn tail(&self) -> String {
@@ -621,18 +614,13 @@ async fn an_output_partition_leaderless_past_the_transaction_timeout_stalls_then
     // The outage must have failed a transaction, or this test proved nothing about it; and
     // that transaction's leftovers in the partition must have been ended with an abort marker
     // of the runtime's own once the partition was back (see `TxProducer::leftover_risk`).
-    let (aborted, markers_written) = {
-        let tail = tail.lock().expect("tail");
-        let aborted = tail
-            .iter()
-            .rev()
-            .find_map(|l| summary_count(l, "transactions_aborted"))
-            .expect("the copier's summary line");
-        let written = tail
-            .iter()
-            .any(|l| l.contains("wrote abort markers where an aborted transaction's marker"));
-        (aborted, written)
-    };
+    let aborted = summary_count(&summary_line(&tail), "transactions_aborted")
+        .expect("the copier's summary line");
+    let markers_written = tail
+        .lock()
+        .expect("tail")
+        .iter()
+        .any(|l| l.contains("wrote abort markers where an aborted transaction's marker"));
     assert!(
         aborted >= 1,
         "a 35 s outage of an output partition aborted no transaction"
@@ -652,6 +640,17 @@ async fn an_output_partition_leaderless_past_the_transaction_timeout_stalls_then
         report.order_violations(),
         started.elapsed()
     );
+}
+
+/// The last summary line in a copier's log `tail` (empty if it printed none).
+fn summary_line(tail: &Mutex<VecDeque<String>>) -> String {
+    tail.lock()
+        .expect("tail")
+        .iter()
+        .rev()
+        .find(|l| l.contains("copier stopped"))
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// `field`'s count in the copier's `copier stopped: RunSummary { … }` line.
