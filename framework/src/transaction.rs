@@ -2057,7 +2057,7 @@ pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPa
         return Ok(Vec::new());
     };
     let result = st.producer.abort();
-    note_leftovers(st, None);
+    note_leftovers(&mut st.leftovers, &st.producer);
     if result.is_ok() {
         // On an error the producer is replaced (see `recover_from`), so it must stay the one
         // `st.producer` names.
@@ -2080,13 +2080,15 @@ pub(crate) fn abort_open(st: &mut LoopState, reason: &str) -> Result<Vec<TopicPa
     result.map(|()| partitions)
 }
 
-/// Remembers where the transaction that `producer` (the current producer when `None`) just
-/// failed to commit may have left records that no marker ends (see `LoopState::leftovers`).
-fn note_leftovers(st: &mut LoopState, producer: Option<&TxProducer>) {
-    let producer = producer.unwrap_or(&st.producer);
+/// Remembers, in `leftovers` (`LoopState::leftovers`), where the transaction that `producer`
+/// just failed to commit may have left records that no marker ends.
+fn note_leftovers(
+    leftovers: &mut BTreeMap<String, BTreeSet<(String, i32)>>,
+    producer: &TxProducer,
+) {
     let risk = producer.leftover_risk();
     if !risk.is_empty() {
-        st.leftovers
+        leftovers
             .entry(producer.transactional_id().to_owned())
             .or_default()
             .extend(risk);
@@ -2406,7 +2408,7 @@ where
                 .block_on(shared.processor.on_transaction_aborted(&partitions));
         }
     }
-    note_leftovers(&mut st, Some(&old));
+    note_leftovers(&mut st.leftovers, &old);
     st.summary.transactions_aborted += u64::from(txn.is_some());
     st.summary.producer_recoveries += 1;
     st.producer_recoveries_in_row += 1;
