@@ -1,6 +1,7 @@
 //! Side by side, on one broker in one run, with the same pre-loaded input and the same
-//! transform: the raw copy ceiling, at-least-once, onceflow exactly-once at three commit
-//! intervals, and Kafka Streams in `exactly_once_v2` and `at_least_once`.
+//! transform: the raw copy ceiling, at-least-once, the same copy made exactly-once by hand with
+//! rust-rdkafka's transactions, onceflow exactly-once at three commit intervals, and Kafka
+//! Streams in `exactly_once_v2` and `at_least_once`.
 //!
 //! ```text
 //! cargo run --release -p onceflow-bench -- --quick      # smoke run (CI)
@@ -47,9 +48,10 @@ pub const PARTITIONS: i32 = 6;
 
 /// Every mode, in the order of the first repeat. A mode named `<mode>-jemalloc` is `<mode>`'s
 /// worker with jemalloc as Rust's allocator (see [`alloc`]).
-pub const MODES: [&str; 9] = [
+pub const MODES: [&str; 10] = [
     "ceiling",
     "at-least-once",
+    "transactional-copy",
     "onceflow-10ms",
     "onceflow-100ms",
     "onceflow-1s",

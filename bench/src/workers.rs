@@ -88,6 +88,16 @@ pub async fn run(
             );
             return tokio::task::spawn_blocking(move || copy_loop(&b, &i, &o, &g, commit)).await?;
         }
+        "transactional-copy" => {
+            let (b, i, o, g) = (
+                bootstrap.to_owned(),
+                input.to_owned(),
+                output.to_owned(),
+                group.to_owned(),
+            );
+            return tokio::task::spawn_blocking(move || transactional_copy_loop(&b, &i, &o, &g))
+                .await?;
+        }
         "onceflow-10ms" => Duration::from_millis(10),
         "onceflow-100ms" => Duration::from_millis(100),
         "onceflow-1s" => Duration::from_secs(1),
@@ -227,6 +237,109 @@ fn copy_loop(
                 tpl.add_partition_offset(input, *p, Offset::Offset(*o))?;
             }
             consumer.commit(&tpl, CommitMode::Sync)?;
+            next.clear();
+            last_commit = Instant::now();
+        }
+    }
+}
+
+/// The at-least-once copy made exactly-once by hand with rust-rdkafka's transactional API, as
+/// a user without onceflow would write it for one instance that never fails: a
+/// `read_committed` consumer, and every [`BASELINE_COMMIT_INTERVAL`] the producer flushed and
+/// the consumed offsets sent into its transaction, which then commits.
+///
+/// Why it is here: it separates what the transactions themselves cost on this broker and host
+/// from what onceflow's runtime costs on top (`onceflow-100ms ÷ transactional-copy`). So it gets
+/// the same two tricks onceflow uses against the commit's wait, and nothing else of onceflow's:
+/// two transactional producers take turns, and each commit (`send_offsets_to_transaction`, then
+/// `commit_transaction`) runs on a thread of its own while the next transaction already runs on
+/// the other producer. Before the next commit is sent, the previous one must have finished, so
+/// the group's offsets only move forward. Everything else is at-least-once's: librdkafka's
+/// default consumer and producer settings, one thread polling, transforming and producing.
+///
+/// What it leaves out, and a real application could not: no rebalance handling (a partition
+/// revoked mid-transaction would be committed by whoever gets it next *and* by this
+/// transaction), no abort and rewind on a failed produce or commit (any error ends the
+/// worker), no dead letters, no bound on memory (librdkafka prefetches up to 64 MiB).
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a benchmark baseline on a dedicated blocking thread: the transactional calls are \
+              made the way rust-rdkafka's own example makes them, without onceflow's producer \
+              side, and a full producer queue is waited out with a sleep"
+)]
+fn transactional_copy_loop(
+    bootstrap: &str,
+    input: &str,
+    output: &str,
+    group: &str,
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(30);
+    let consumer: BaseConsumer<ReadyContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.queue.backoff.ms", "10")
+        .create_with_context(ReadyContext)?;
+    consumer.subscribe(&[input])?;
+    let producer = |name: &str| -> anyhow::Result<Arc<ThreadedProducer<DefaultProducerContext>>> {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("transactional.id", format!("{group}-{name}"))
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("partitioner", "murmur2_random")
+            .create()?;
+        p.init_transactions(timeout)?;
+        Ok(Arc::new(p))
+    };
+    let producers = [producer("a")?, producer("b")?];
+    let mut current = 0;
+    producers[current].begin_transaction()?;
+    // The commit of the other producer's transaction, running.
+    let mut committing: Option<std::thread::JoinHandle<anyhow::Result<()>>> = None;
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut last_commit = Instant::now();
+    loop {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m?;
+            let value = transform(m.payload().unwrap_or_default())?;
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output).payload(&value);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(ts) = m.timestamp().to_millis() {
+                record = record.timestamp(ts);
+            }
+            send_waiting(&producers[current], record)?;
+            next.insert(m.partition(), m.offset() + 1);
+        }
+        if last_commit.elapsed() >= BASELINE_COMMIT_INTERVAL && !next.is_empty() {
+            // Every output acknowledged before the next transaction's outputs, on the other
+            // producer, can overtake them: that keeps each key's outputs in order.
+            let p = Arc::clone(&producers[current]);
+            flush(&p, timeout)?;
+            let mut offsets = TopicPartitionList::new();
+            for (partition, offset) in &next {
+                offsets.add_partition_offset(input, *partition, Offset::Offset(*offset))?;
+            }
+            let Some(group_metadata) = consumer.group_metadata() else {
+                bail!("the consumer has no group metadata");
+            };
+            if let Some(previous) = committing.take() {
+                previous
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the commit thread panicked"))??;
+            }
+            committing = Some(std::thread::spawn(move || {
+                p.send_offsets_to_transaction(&offsets, &group_metadata, timeout)?;
+                p.commit_transaction(timeout)?;
+                Ok(())
+            }));
+            current = 1 - current;
+            producers[current].begin_transaction()?;
             next.clear();
             last_commit = Instant::now();
         }
