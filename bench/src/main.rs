@@ -71,7 +71,9 @@ pub const JEMALLOC_SUFFIX: &str = "-jemalloc";
 pub const BASELINE_MODE: &str = "onceflow-100ms-baseline";
 
 #[derive(Debug, Parser)]
-#[command(about = "onceflow side by side with the ceiling, at-least-once and Kafka Streams")]
+#[command(
+    about = "onceflow side by side with the ceiling, at-least-once, a hand-written transactional copy and Kafka Streams"
+)]
 struct Args {
     /// Records per throughput run (full profile).
     #[arg(long, default_value_t = 1_000_000)]
