@@ -263,9 +263,9 @@ fn copy_loop(
 /// worker), no dead letters, no bound on memory (librdkafka prefetches up to 64 MiB).
 #[expect(
     clippy::disallowed_methods,
-    reason = "a benchmark baseline on a dedicated blocking thread: the transactional calls are \
-              made the way rust-rdkafka's own example makes them, without onceflow's producer \
-              side, and a full producer queue is waited out with a sleep"
+    reason = "a benchmark baseline on a dedicated blocking thread: it makes the transactional \
+              calls itself, without onceflow's producer side (that is its point), and waits out \
+              a full producer queue with a sleep"
 )]
 fn transactional_copy_loop(
     bootstrap: &str,
@@ -317,8 +317,9 @@ fn transactional_copy_loop(
             next.insert(m.partition(), m.offset() + 1);
         }
         if last_commit.elapsed() >= BASELINE_COMMIT_INTERVAL && !next.is_empty() {
-            // Every output acknowledged before the next transaction's outputs, on the other
-            // producer, can overtake them: that keeps each key's outputs in order.
+            // Every output acknowledged first: the next transaction's outputs go through the
+            // other producer and could otherwise reach a partition before these, putting a
+            // key's outputs out of order.
             let p = Arc::clone(&producers[current]);
             flush(&p, timeout)?;
             let mut offsets = TopicPartitionList::new();
