@@ -17,7 +17,7 @@ use onceflow::{
     Output, OutputRecord, Pipeline, PipelineConfig, ProcessError, Processor, Record, TopicPartition,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
-use rdkafka::message::Message as _;
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -216,15 +216,7 @@ fn copy_loop(
     loop {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let m = m?;
-            let value = transform(m.payload().unwrap_or_default())?;
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output).payload(&value);
-            if let Some(k) = m.key() {
-                record = record.key(k);
-            }
-            if let Some(ts) = m.timestamp().to_millis() {
-                record = record.timestamp(ts);
-            }
-            send_waiting(&producer, record)?;
+            copy_one(&m, output, &producer)?;
             next.insert(m.partition(), m.offset() + 1);
         }
         if let Some(every) = commit_every
@@ -241,6 +233,24 @@ fn copy_loop(
             last_commit = Instant::now();
         }
     }
+}
+
+/// The baselines' work on one input record: [`transform`] its value and produce it to
+/// `output` with the input's key and timestamp.
+fn copy_one<M: Message>(
+    m: &M,
+    output: &str,
+    producer: &ThreadedProducer<DefaultProducerContext>,
+) -> anyhow::Result<()> {
+    let value = transform(m.payload().unwrap_or_default())?;
+    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output).payload(&value);
+    if let Some(k) = m.key() {
+        record = record.key(k);
+    }
+    if let Some(ts) = m.timestamp().to_millis() {
+        record = record.timestamp(ts);
+    }
+    send_waiting(producer, record)
 }
 
 /// The at-least-once copy made exactly-once by hand with rust-rdkafka's transactional API, as
@@ -305,15 +315,7 @@ fn transactional_copy_loop(
     loop {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let m = m?;
-            let value = transform(m.payload().unwrap_or_default())?;
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output).payload(&value);
-            if let Some(k) = m.key() {
-                record = record.key(k);
-            }
-            if let Some(ts) = m.timestamp().to_millis() {
-                record = record.timestamp(ts);
-            }
-            send_waiting(&producers[current], record)?;
+            copy_one(&m, output, &producers[current])?;
             next.insert(m.partition(), m.offset() + 1);
         }
         if last_commit.elapsed() >= BASELINE_COMMIT_INTERVAL && !next.is_empty() {
