@@ -78,25 +78,22 @@ pub async fn run(
     group: &str,
 ) -> anyhow::Result<()> {
     let interval = match mode {
-        "ceiling" | "at-least-once" => {
-            let commit = (mode == "at-least-once").then_some(BASELINE_COMMIT_INTERVAL);
-            let (b, i, o, g) = (
+        "ceiling" | "at-least-once" | "transactional-copy" => {
+            let (mode, b, i, o, g) = (
+                mode.to_owned(),
                 bootstrap.to_owned(),
                 input.to_owned(),
                 output.to_owned(),
                 group.to_owned(),
             );
-            return tokio::task::spawn_blocking(move || copy_loop(&b, &i, &o, &g, commit)).await?;
-        }
-        "transactional-copy" => {
-            let (b, i, o, g) = (
-                bootstrap.to_owned(),
-                input.to_owned(),
-                output.to_owned(),
-                group.to_owned(),
-            );
-            return tokio::task::spawn_blocking(move || transactional_copy_loop(&b, &i, &o, &g))
-                .await?;
+            return tokio::task::spawn_blocking(move || match mode.as_str() {
+                "transactional-copy" => transactional_copy_loop(&b, &i, &o, &g),
+                _ => {
+                    let commit = (mode == "at-least-once").then_some(BASELINE_COMMIT_INTERVAL);
+                    copy_loop(&b, &i, &o, &g, commit)
+                }
+            })
+            .await?;
         }
         "onceflow-10ms" => Duration::from_millis(10),
         "onceflow-100ms" => Duration::from_millis(100),
@@ -194,23 +191,11 @@ fn copy_loop(
     group: &str,
     commit_every: Option<Duration>,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer<ReadyContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        // As onceflow sets it: librdkafka's 1 s default stalls a consumer that drains its
-        // queue quickly (see framework/src/consumer.rs).
-        .set("fetch.queue.backoff.ms", "10")
-        .create_with_context(ReadyContext)?;
+    let consumer: BaseConsumer<ReadyContext> =
+        baseline_consumer(bootstrap, group).create_with_context(ReadyContext)?;
     consumer.subscribe(&[input])?;
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("partitioner", "murmur2_random")
-        .create()?;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        baseline_producer(bootstrap).create()?;
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_commit = Instant::now();
     loop {
@@ -233,6 +218,32 @@ fn copy_loop(
             last_commit = Instant::now();
         }
     }
+}
+
+/// The Rust baselines' consumer settings: librdkafka's defaults, no automatic commits.
+fn baseline_consumer(bootstrap: &str, group: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        // As onceflow sets it: librdkafka's 1 s default stalls a consumer that drains its
+        // queue quickly (see framework/src/consumer.rs).
+        .set("fetch.queue.backoff.ms", "10");
+    config
+}
+
+/// The Rust baselines' producer settings: idempotent, `acks=all`, Java-compatible key routing.
+fn baseline_producer(bootstrap: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("partitioner", "murmur2_random");
+    config
 }
 
 /// The baselines' work on one input record: [`transform`] its value and produce it to
@@ -284,23 +295,13 @@ fn transactional_copy_loop(
     group: &str,
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(30);
-    let consumer: BaseConsumer<ReadyContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
+    let consumer: BaseConsumer<ReadyContext> = baseline_consumer(bootstrap, group)
         .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("fetch.queue.backoff.ms", "10")
         .create_with_context(ReadyContext)?;
     consumer.subscribe(&[input])?;
     let producer = |name: &str| -> anyhow::Result<Arc<ThreadedProducer<DefaultProducerContext>>> {
-        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+        let p: ThreadedProducer<DefaultProducerContext> = baseline_producer(bootstrap)
             .set("transactional.id", format!("{group}-{name}"))
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("partitioner", "murmur2_random")
             .create()?;
         p.init_transactions(timeout)?;
         Ok(Arc::new(p))
