@@ -317,7 +317,20 @@ pub(crate) fn refusal_hint(error: &KafkaError) -> Option<&'static str> {
     let KafkaError::Transaction(e) = error else {
         return None;
     };
-    hint_for(e.code())
+    // Transactional calls are the producer's: a topic they are refused is an output.
+    hint_for(e.code(), Side::Output)
+}
+
+/// Which side of a pipeline met a refusal. A refused topic means a different missing ACL on
+/// each: READ for an input, WRITE for an output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The consumer, or a question about an input topic.
+    Input,
+    /// The producer (outputs and dead letters), or a question about an output topic.
+    Output,
+    /// A topic that may be either (the offset toolkit's questions).
+    Any,
 }
 
 /// What an error means when it is a permission the broker refuses this instance's principal
@@ -334,23 +347,24 @@ pub(crate) fn refusal_hint(error: &KafkaError) -> Option<&'static str> {
 ///   delivery reports, after which the commit fails only as "messages failed delivery". Taken
 ///   for the record's fault, every record would be retried and then dead-lettered — with a
 ///   dead-letter topic configured, the whole input would be.
-pub(crate) fn permission_refusal_hint(error: &KafkaError) -> Option<&'static str> {
+pub(crate) fn permission_refusal_hint(error: &KafkaError, side: Side) -> Option<&'static str> {
     match error.rdkafka_error_code()? {
         code @ (RDKafkaErrorCode::TopicAuthorizationFailed
         | RDKafkaErrorCode::GroupAuthorizationFailed
         | RDKafkaErrorCode::ClusterAuthorizationFailed
-        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => hint_for(code),
+        | RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => hint_for(code, side),
         _ => None,
     }
 }
 
-/// `e` as [`Error::Refused`] of `operation` when it is a permission the broker refuses (see
-/// [`permission_refusal_hint`]), or `e` back for the caller's own handling.
+/// `e` as [`Error::Refused`] of `operation`, on `side`, when it is a permission the broker
+/// refuses (see [`permission_refusal_hint`]), or `e` back for the caller's own handling.
 pub(crate) fn permission_refused(
     operation: &'static str,
+    side: Side,
     e: KafkaError,
 ) -> Result<Error, KafkaError> {
-    match permission_refusal_hint(&e) {
+    match permission_refusal_hint(&e, side) {
         Some(hint) => Ok(Error::Refused {
             operation,
             hint,
@@ -375,8 +389,14 @@ pub(crate) fn names_a_missing_topic(error: &KafkaError) -> bool {
     )
 }
 
-/// The hint of each refusal the broker would repeat on every retry (see [`classify`]).
-fn hint_for(code: RDKafkaErrorCode) -> Option<&'static str> {
+/// The hint of each refusal the broker would repeat on every retry (see [`classify`]), met on
+/// `side`.
+///
+/// Why the side: the broker answers `TOPIC_AUTHORIZATION_FAILED` whichever ACL a topic lacks,
+/// and librdkafka does not name the topic in most of these errors (a refused
+/// `AddPartitionsToTxn` surfaces at `send_offsets_to_transaction`). A hint that names both
+/// READ and WRITE leaves an operator to guess; the side the refusal came from says which.
+fn hint_for(code: RDKafkaErrorCode, side: Side) -> Option<&'static str> {
     Some(match code {
         RDKafkaErrorCode::MessageSizeTooLarge => {
             "a batch of output records is larger than its topic's max.message.bytes: keep the \
@@ -392,10 +412,20 @@ fn hint_for(code: RDKafkaErrorCode) -> Option<&'static str> {
              (message.timestamp.before.max.ms / after.max.ms); outputs carry their input's \
              timestamp unless the processor sets one"
         }
-        RDKafkaErrorCode::TopicAuthorizationFailed => {
-            "this instance's principal may not write an output topic or read an input topic \
-             (WRITE on the outputs, READ on the inputs)"
-        }
+        RDKafkaErrorCode::TopicAuthorizationFailed => match side {
+            Side::Input => {
+                "this instance's principal may not read an input topic (READ on each input \
+                 topic)"
+            }
+            Side::Output => {
+                "this instance's principal may not write an output topic (WRITE on each topic \
+                 the processor sends to, and on the dead-letter topic)"
+            }
+            Side::Any => {
+                "this instance's principal may not use a topic (READ on the input topics, \
+                 WRITE on the output topics; either implies DESCRIBE)"
+            }
+        },
         RDKafkaErrorCode::GroupAuthorizationFailed => {
             "this instance's principal may not use the consumer group (READ on the group, \
              named by application_id)"
@@ -453,6 +483,29 @@ mod tests {
         );
         assert_eq!(Error::Interrupted.class(), ErrorClass::Fatal);
         assert_eq!(Error::config("a", "b").class(), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn a_refused_topic_names_the_acl_of_the_side_that_met_it() {
+        let refused = |side| {
+            let e = KafkaError::MessageConsumption(RDKafkaErrorCode::TopicAuthorizationFailed);
+            match permission_refused("an operation", side, e) {
+                Ok(Error::Refused { hint, .. }) => hint,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        };
+        let input = refused(Side::Input);
+        assert!(input.contains("READ on each input topic") && !input.contains("WRITE"));
+        let output = refused(Side::Output);
+        assert!(output.contains("WRITE on each topic") && !output.contains("READ"));
+        let any = refused(Side::Any);
+        assert!(any.contains("READ") && any.contains("WRITE"));
+        // Other permissions read the same from every side.
+        let group = KafkaError::MessageConsumption(RDKafkaErrorCode::GroupAuthorizationFailed);
+        assert_eq!(
+            permission_refusal_hint(&group, Side::Input),
+            permission_refusal_hint(&group, Side::Output)
+        );
     }
 
     #[test]

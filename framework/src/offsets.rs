@@ -19,7 +19,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::consumer::QuietContext;
-use crate::error::Error;
+use crate::error::{Error, Side};
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -100,15 +100,18 @@ pub(crate) fn partitions<C: ClientContext>(
     client: &Client<C>,
     bootstrap_servers: &str,
     topic: &str,
+    side: Side,
 ) -> Result<Vec<i32>, Error> {
-    partitions_within(client, bootstrap_servers, topic, TIMEOUT)
+    partitions_within(client, bootstrap_servers, topic, side, TIMEOUT)
 }
 
-/// [`partitions`], waiting at most `timeout` for the cluster's answer.
+/// [`partitions`], waiting at most `timeout` for the cluster's answer. `side` says whether
+/// `topic` is an input or an output, which a refusal's hint names the ACL of.
 pub(crate) fn partitions_within<C: ClientContext>(
     client: &Client<C>,
     bootstrap_servers: &str,
     topic: &str,
+    side: Side,
     timeout: Duration,
 ) -> Result<Vec<i32>, Error> {
     let md = client
@@ -121,6 +124,7 @@ pub(crate) fn partitions_within<C: ClientContext>(
     if let Some(code) = found.and_then(|t| t.error()).map(RDKafkaErrorCode::from)
         && let Ok(refused) = crate::error::permission_refused(
             "reading a topic's metadata",
+            side,
             KafkaError::MetadataFetch(code),
         )
     {
@@ -147,7 +151,12 @@ pub fn topic_offsets(
 ) -> Result<Vec<PartitionOffsets>, Error> {
     let uncommitted = conn.client(group, "read_uncommitted")?;
     let committed_reader = conn.client(group, "read_committed")?;
-    let parts = partitions(uncommitted.client(), &conn.bootstrap_servers, topic)?;
+    let parts = partitions(
+        uncommitted.client(),
+        &conn.bootstrap_servers,
+        topic,
+        Side::Any,
+    )?;
     let committed = match group {
         Some(_) => committed_offsets(&uncommitted, topic, &parts)?,
         None => BTreeMap::new(),
@@ -341,7 +350,7 @@ pub fn offsets_for_time(
     timestamp_ms: i64,
 ) -> Result<BTreeMap<i32, Option<i64>>, Error> {
     let client = conn.client(None, "read_committed")?;
-    let parts = partitions(client.client(), &conn.bootstrap_servers, topic)?;
+    let parts = partitions(client.client(), &conn.bootstrap_servers, topic, Side::Any)?;
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
         tpl.add_partition_offset(topic, *p, Offset::Offset(timestamp_ms))

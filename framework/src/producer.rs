@@ -144,7 +144,9 @@ impl ProducerContext for DeliveryContext {
                     .insert((topic.to_owned(), partition));
             }
             failures.topic.get_or_insert_with(|| topic.to_owned());
-            if failures.refused.is_none() && crate::error::permission_refusal_hint(error).is_some()
+            if failures.refused.is_none()
+                && crate::error::permission_refusal_hint(error, crate::error::Side::Output)
+                    .is_some()
             {
                 log_refused_output_topic(topic, error);
                 failures.refused = Some(error.clone());
@@ -664,7 +666,7 @@ impl TxProducer {
     /// [`Failures::refused`]), if one was.
     fn refused_delivery(&self, operation: &'static str) -> Option<Error> {
         let source = self.inner.context().failures().refused.take()?;
-        crate::error::permission_refused(operation, source).ok()
+        crate::error::permission_refused(operation, crate::error::Side::Output, source).ok()
     }
 
     /// [`Error::MissingTopic`] if the topic of this transaction's first failed delivery does
@@ -688,6 +690,7 @@ impl TxProducer {
             self.inner.client(),
             &self.bootstrap_servers,
             &topic,
+            crate::error::Side::Output,
             TOPIC_QUESTION_TIMEOUT,
         ) {
             Err(e @ (Error::MissingTopic { .. } | Error::Refused { .. })) => {

@@ -1030,7 +1030,11 @@ where
                 true
             }
             Some(Err(e)) => {
-                match crate::error::permission_refused("consuming the input topics", e) {
+                match crate::error::permission_refused(
+                    "consuming the input topics",
+                    crate::error::Side::Input,
+                    e,
+                ) {
                     Ok(refused) => defer(shared, Step::Stop(refused)),
                     Err(e) => {
                         if let Some(missing) = input_topic_gone(&shared.config, consumer, &e) {
@@ -1082,7 +1086,12 @@ fn check_input_topics<Ctx: rdkafka::consumer::ConsumerContext>(
         return Ok(());
     }
     for topic in &config.input_topics {
-        crate::offsets::partitions(consumer.client(), &config.bootstrap_servers, topic)?;
+        crate::offsets::partitions(
+            consumer.client(),
+            &config.bootstrap_servers,
+            topic,
+            crate::error::Side::Input,
+        )?;
     }
     Ok(())
 }
@@ -1575,6 +1584,7 @@ where
                             // A permission is not the record's fault: stop, as the commit would.
                             let rejected = match crate::error::permission_refused(
                                 "producing an output record",
+                                crate::error::Side::Output,
                                 rejected.0,
                             ) {
                                 Ok(refused) => {
@@ -1623,8 +1633,12 @@ where
                     );
                     if let Err(rejected) = producer.send(&letter, None, None) {
                         return Err(Step::Stop(
-                            crate::error::permission_refused("dead-lettering a record", rejected.0)
-                                .unwrap_or_else(|e| Error::kafka("dead-lettering a record", e)),
+                            crate::error::permission_refused(
+                                "dead-lettering a record",
+                                crate::error::Side::Output,
+                                rejected.0,
+                            )
+                            .unwrap_or_else(|e| Error::kafka("dead-lettering a record", e)),
                         ));
                     }
                     tracing::warn!(
@@ -2815,7 +2829,7 @@ mod tests {
             matches!(
                 &at_start,
                 Err(e @ Error::Refused { operation: "reading a topic's metadata", .. })
-                    if e.class() == ErrorClass::Fatal && e.to_string().contains("READ on the inputs")
+                    if e.class() == ErrorClass::Fatal && e.to_string().contains("READ on each input topic")
             ),
             "{at_start:?}"
         );
@@ -2836,7 +2850,7 @@ mod tests {
             matches!(
                 &while_running,
                 Err(e @ Error::Refused { operation: "consuming the input topics", .. })
-                    if e.class() == ErrorClass::Fatal
+                    if e.class() == ErrorClass::Fatal && e.to_string().contains("READ on each input topic")
             ),
             "{while_running:?}"
         );

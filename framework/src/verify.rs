@@ -318,7 +318,12 @@ fn read_topic(
     mut each: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<(), Error> {
     let consumer = reader(options, "read_committed")?;
-    let parts = crate::offsets::partitions(consumer.client(), &options.bootstrap_servers, topic)?;
+    let parts = crate::offsets::partitions(
+        consumer.client(),
+        &options.bootstrap_servers,
+        topic,
+        crate::error::Side::Any,
+    )?;
     let mut expected = 0u64;
     let mut tpl = TopicPartitionList::new();
     let mut pending: BTreeSet<i32> = BTreeSet::new();

@@ -214,7 +214,8 @@ async fn a_principal_missing_any_one_of_them_is_stopped_with_a_refusal_and_commi
     // Each user has the four ACLs but one; two of them may still see the topic they may not
     // use, which makes the broker refuse a different request (the fetch or the produce, rather
     // than the metadata). One has a dead-letter topic it may write: a refused output topic is
-    // not the records' fault, so none of them may end up there.
+    // not the records' fault, so none of them may end up there. Each refusal's hint must name
+    // the ACL that is missing (the broker's code alone does not say whether READ or WRITE).
     let without =
         |missing: Grant| -> Vec<Grant> { ALL.into_iter().filter(|g| *g != missing).collect() };
     let with = |mut grants: Vec<Grant>, extra: Grant| {
@@ -226,39 +227,46 @@ async fn a_principal_missing_any_one_of_them_is_stopped_with_a_refusal_and_commi
             "no-read",
             without(Grant::ReadInput),
             RDKafkaErrorCode::TopicAuthorizationFailed,
+            "READ on each input topic",
         ),
         (
             "no-write-dead-letters",
             with(without(Grant::WriteOutput), Grant::WriteDeadLetters),
             RDKafkaErrorCode::TopicAuthorizationFailed,
+            "WRITE on each topic",
         ),
         (
             "describe-in",
             with(without(Grant::ReadInput), Grant::DescribeInput),
             RDKafkaErrorCode::TopicAuthorizationFailed,
+            "READ on each input topic",
         ),
         (
             "no-write",
             without(Grant::WriteOutput),
             RDKafkaErrorCode::TopicAuthorizationFailed,
+            "WRITE on each topic",
         ),
         (
             "describe-out",
             with(without(Grant::WriteOutput), Grant::DescribeOutput),
             RDKafkaErrorCode::TopicAuthorizationFailed,
+            "WRITE on each topic",
         ),
         (
             "no-group",
             without(Grant::ReadGroup),
             RDKafkaErrorCode::GroupAuthorizationFailed,
+            "READ on the group",
         ),
         (
             "no-txn",
             without(Grant::WriteTransactionalIds),
             RDKafkaErrorCode::TransactionalIdAuthorizationFailed,
+            "WRITE and DESCRIBE on the ids",
         ),
     ];
-    for (user, granted, code) in cases {
+    for (user, granted, code, acl) in cases {
         let t = setup(kafka, user).await;
         kafka
             .create_acls(&acls(user, &t, &granted))
@@ -295,11 +303,19 @@ async fn a_principal_missing_any_one_of_them_is_stopped_with_a_refusal_and_commi
                 .map_or_else(ToString::to_string, |s| format!("{s:?}"))
         );
         match &result {
-            Err(onceflow::Error::Refused { source, .. }) => assert_eq!(
-                source.rdkafka_error_code(),
-                Some(code),
-                "{user}: refused, but for {source}"
-            ),
+            Err(onceflow::Error::Refused { source, hint, .. }) => {
+                assert_eq!(
+                    source.rdkafka_error_code(),
+                    Some(code),
+                    "{user}: refused, but for {source}"
+                );
+                // The hint names the ACL the principal lacks, not every ACL a refusal of this
+                // code could mean.
+                assert!(
+                    hint.contains(acl),
+                    "{user}: the hint {hint:?} does not name {acl}"
+                );
+            }
             other => panic!("{user}: expected Error::Refused, got {other:?}"),
         }
         let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
