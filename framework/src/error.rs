@@ -329,7 +329,8 @@ pub(crate) enum Side {
     Input,
     /// The producer (outputs and dead letters), or a question about an output topic.
     Output,
-    /// A topic that may be either (the offset toolkit's questions).
+    /// A question about a topic that may be either (the offset toolkit's, the read-back
+    /// check's): its metadata, which takes DESCRIBE.
     Any,
 }
 
@@ -422,8 +423,8 @@ fn hint_for(code: RDKafkaErrorCode, side: Side) -> Option<&'static str> {
                  the processor sends to, and on the dead-letter topic)"
             }
             Side::Any => {
-                "this instance's principal may not use a topic (READ on the input topics, \
-                 WRITE on the output topics; either implies DESCRIBE)"
+                "this principal may not describe the topic (DESCRIBE on it, which READ and \
+                 WRITE imply)"
             }
         },
         RDKafkaErrorCode::GroupAuthorizationFailed => {
@@ -499,7 +500,7 @@ mod tests {
         let output = refused(Side::Output);
         assert!(output.contains("WRITE on each topic") && !output.contains("READ"));
         let any = refused(Side::Any);
-        assert!(any.contains("READ") && any.contains("WRITE"));
+        assert!(any.contains("DESCRIBE on it"));
         // Other permissions read the same from every side.
         let group = KafkaError::MessageConsumption(RDKafkaErrorCode::GroupAuthorizationFailed);
         assert_eq!(

@@ -28,8 +28,9 @@ const CATCH_UP: Duration = Duration::from_secs(120);
 const STOPS_WITHIN: Duration = Duration::from_secs(60);
 
 /// The users of this file's broker; each test uses its own.
-const USERS: [&str; 8] = [
+const USERS: [&str; 9] = [
     "complete",
+    "toolkit",
     "no-read",
     "describe-in",
     "no-write",
@@ -332,5 +333,43 @@ async fn a_principal_missing_any_one_of_them_is_stopped_with_a_refusal_and_commi
                 lettered.len()
             );
         }
+    }
+}
+
+/// The offset toolkit, asked about a topic its principal may not even describe, fails with
+/// `Error::Refused`, and the hint names DESCRIBE — not READ or WRITE, which a pipeline's
+/// refusals name: the toolkit's question is the topic's metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offset_toolkit_refused_a_topic_names_describe() {
+    init_tracing();
+    let kafka = kafka().await;
+    let t = setup(kafka, "toolkit").await;
+    let mut conn = onceflow::offsets::Connection::new(
+        kafka.sasl_bootstrap_servers().expect("a SASL listener"),
+    );
+    for (k, v) in [
+        ("security.protocol", "SASL_PLAINTEXT".to_owned()),
+        ("sasl.mechanism", "PLAIN".to_owned()),
+        ("sasl.username", "toolkit".to_owned()),
+        ("sasl.password", password("toolkit")),
+    ] {
+        conn.properties.insert(k.to_owned(), v);
+    }
+    let topic = t.input.clone();
+    // The toolkit's calls block on librdkafka: off the async executor.
+    let result =
+        tokio::task::spawn_blocking(move || onceflow::offsets::topic_offsets(&conn, &topic, None))
+            .await
+            .expect("the toolkit's thread");
+    match &result {
+        Err(onceflow::Error::Refused { source, hint, .. }) => {
+            assert_eq!(
+                source.rdkafka_error_code(),
+                Some(RDKafkaErrorCode::TopicAuthorizationFailed),
+                "refused, but for {source}"
+            );
+            assert!(hint.contains("DESCRIBE on it"), "the hint {hint:?}");
+        }
+        other => panic!("expected Error::Refused, got {other:?}"),
     }
 }
