@@ -65,7 +65,43 @@ pub(crate) struct DeliveryContext {
     /// What the transaction's failed deliveries say about why the commit will fail; the commit
     /// itself then says only "messages failed delivery".
     failures: Mutex<Failures>,
+    /// Where the transaction's records were acknowledged (see [`Acked`]).
+    acked: Mutex<Acked>,
     errors: ClientErrors,
+}
+
+/// The partitions (and their topics) where the current transaction has records acknowledged:
+/// where, if it does not commit, it may leave records that its abort marker never reaches (see
+/// [`TxProducer::leftover_risk`]).
+///
+/// Why every acknowledged partition, not only those of failed deliveries: the coordinator skips
+/// the abort marker of a partition whose leader it cannot find (KAFKA-20734), and nothing the
+/// producer sees need fail first. When a partition's only broker dies, the cluster names the
+/// dead broker as its leader for seconds, its records wait in the queue, and a transaction
+/// aborted before they time out (its commit given up, a revocation) learns of it only as
+/// records purged unsent — which every abort purges. The leaderless-partition chaos test
+/// committed 24 outputs twice that way in CI: the records the aborted transaction had written
+/// there before the kill, committed with the same producer id's next commit.
+#[derive(Debug, Default)]
+struct Acked {
+    /// The last acknowledged record's partition: delivery reports come a batch at a time, so
+    /// most are for the same partition as the one before, and cost a comparison, not a lookup.
+    last: Option<(String, i32)>,
+    partitions: BTreeSet<(String, i32)>,
+}
+
+impl Acked {
+    fn note(&mut self, topic: &str, partition: i32) {
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|(t, p)| *p == partition && t == topic)
+        {
+            return;
+        }
+        self.partitions.insert((topic.to_owned(), partition));
+        self.last = Some((topic.to_owned(), partition));
+    }
 }
 
 /// What a transaction's failed deliveries say (see [`DeliveryContext::failures`]).
@@ -93,6 +129,7 @@ impl DeliveryContext {
         Self {
             possibly_written: AtomicU64::new(0),
             failures: Mutex::new(Failures::default()),
+            acked: Mutex::new(Acked::default()),
             errors: ClientErrors::new("producer"),
         }
     }
@@ -101,10 +138,15 @@ impl DeliveryContext {
         self.failures.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn acked(&self) -> std::sync::MutexGuard<'_, Acked> {
+        self.acked.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Forgets what the last transaction's deliveries said.
     fn new_transaction(&self) {
         self.possibly_written.store(0, Ordering::Relaxed);
         *self.failures() = Failures::default();
+        *self.acked() = Acked::default();
     }
 }
 
@@ -125,6 +167,12 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
+        if let Ok(message) = result {
+            self.acked().note(
+                rdkafka::message::Message::topic(message),
+                rdkafka::message::Message::partition(message),
+            );
+        }
         if let Err((error, message)) = result {
             let topic = rdkafka::message::Message::topic(message);
             let mut failures = self.failures();
@@ -136,7 +184,8 @@ impl ProducerContext for DeliveryContext {
             // A partition where this record may be, or which was out of reach for as long as
             // the record waited (timed out): the transaction's acknowledged records there may
             // lose their abort marker. Not one whose record was purged unsent by an abort (every
-            // abort purges; most are a processor's retry) or refused by the producer itself.
+            // abort purges; most are a processor's retry) or refused by the producer itself:
+            // if the transaction has acknowledged records there, `Acked` has the partition.
             let unreachable = error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut);
             if partition >= 0 && (written || unreachable) {
                 failures
@@ -702,10 +751,11 @@ impl TxProducer {
     }
 
     /// The partitions where this producer's last transaction, which did not commit, may have
-    /// left records that no abort marker ends: every partition where one of its records may
-    /// have been written or timed out, and every partition without a leader now of those
-    /// partitions' topics. Asked after an abort (or a fence), before the next transaction
-    /// begins; empty, without a question to the cluster, when no such delivery failed. What it
+    /// left records that no abort marker ends: every partition where one of its records was
+    /// acknowledged (see [`Acked`]), may have been written, or timed out, and every partition
+    /// without a leader now of those partitions' topics. Asked after an abort (or a fence),
+    /// before the next transaction begins; empty, without a question to the cluster, when the
+    /// transaction had no record acknowledged and no delivery failed that way. What it
     /// returns is taken: asked again (the loop asks after an abort and again when it replaces
     /// the producer), it answers for later failures only.
     ///
@@ -719,6 +769,7 @@ impl TxProducer {
     /// six runs. [`Self::abort_leftovers`] writes an abort marker there first.
     pub(crate) fn leftover_risk(&self) -> BTreeSet<(String, i32)> {
         let mut at_risk = std::mem::take(&mut self.inner.context().failures().failed_partitions);
+        at_risk.append(&mut std::mem::take(&mut *self.inner.context().acked()).partitions);
         let topics: BTreeSet<String> = at_risk.iter().map(|(t, _)| t.clone()).collect();
         for topic in topics {
             match self.partition_leaders(&topic) {
@@ -812,13 +863,16 @@ impl TxProducer {
         let acknowledged =
             self.inner.in_flight_count() == 0 && self.inner.context().failures().topic.is_none();
         self.abort()?;
+        // Its own records are ended by the marker it just had written, not leftovers to end
+        // again.
+        std::mem::take(&mut *self.inner.context().acked());
         if !acknowledged {
             return Ok(false);
         }
         tracing::info!(
             transactional_id = %self.transactional_id,
             partitions = ?live,
-            "wrote abort markers where an aborted transaction's marker was skipped"
+            "wrote abort markers into the partitions an aborted transaction wrote to, in case its own were skipped (KAFKA-20734)"
         );
         Ok(true)
     }
@@ -1063,9 +1117,10 @@ mod tests {
     }
 
     /// Where a transaction that did not commit may have left records that no abort marker
-    /// ends (see [`TxProducer::leftover_risk`]): the partition of records that may have been
-    /// written is noted; records an abort purged before they were ever sent (a processor's
-    /// `retry`) note nothing. And the abort marker of the runtime's own
+    /// ends (see [`TxProducer::leftover_risk`]): the partition of records that were
+    /// acknowledged, or may have been written, is noted; records an abort purged before they
+    /// were ever sent, in a partition where the transaction has nothing acknowledged, note
+    /// nothing. And the abort marker of the runtime's own
     /// ([`TxProducer::abort_leftovers`]) begins no transaction while the partition has no
     /// leader — the broker would skip its marker as well — and is written once it has one.
     /// Against the real broker, where the marker matters:
@@ -1085,6 +1140,22 @@ mod tests {
         producer.abort()?;
         assert!(producer.leftover_risk().is_empty());
         mock.partition_leader("out", 0, Some(1))?;
+
+        // Acknowledged, then aborted (a processor's `retry`, or a commit given up while
+        // another partition's broker was dying): the partition is noted — the coordinator
+        // skips the marker of a partition it finds no leader for, and nothing need have failed
+        // here first.
+        producer.begin()?;
+        send_some(&producer)?;
+        producer.wait_acknowledged(Duration::from_secs(10));
+        assert_eq!(producer.inner.in_flight_count(), 0, "acknowledged");
+        producer.abort()?;
+        assert_eq!(
+            producer.leftover_risk(),
+            BTreeSet::from([("out".to_owned(), 0)])
+        );
+        // Taken: asked again, it answers for later transactions only.
+        assert!(producer.leftover_risk().is_empty());
 
         // Sent, their answer lost: the partition is noted.
         assert!(matches!(
