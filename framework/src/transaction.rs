@@ -883,6 +883,12 @@ where
             }
             // Only this process knows of them: the next instance with these ids would commit
             // them with its first commit into those partitions (see `LoopState::leftovers`).
+            // Ended here where their partitions have a leader (after any abort there are
+            // some, see `TxProducer::leftover_risk`); only the rest are left to an operator. Not
+            // on a forced stop, which must not wait for the cluster.
+            if !shared.shutdown.is_forced() {
+                end_leftovers_before_stopping(&mut st);
+            }
             for (transactional_id, partitions) in &st.leftovers {
                 tracing::error!(
                     transactional_id,
@@ -1880,6 +1886,29 @@ fn end_leftovers(st: &mut LoopState) -> Result<(), Step> {
             })
         }
         Err(e) => Err(Step::from(e)),
+    }
+}
+
+/// Ends the leftovers of both producers that it can, once, as the instance stops (see
+/// [`end_leftovers`]); what it cannot end stays in `st.leftovers`.
+fn end_leftovers_before_stopping(st: &mut LoopState) {
+    let LoopState {
+        producer,
+        idle,
+        leftovers,
+        ..
+    } = st;
+    for p in [&*producer, &*idle] {
+        let Some(partitions) = leftovers.get(p.transactional_id()) else {
+            continue;
+        };
+        match p.abort_leftovers(partitions) {
+            Ok(true) => {
+                leftovers.remove(p.transactional_id());
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "ending leftovers while stopping failed"),
+        }
     }
 }
 
