@@ -1863,19 +1863,13 @@ fn begin_txn(st: &mut LoopState, due: Instant) -> Result<(), Step> {
 /// an aborted transaction of its id may have left records open (see `LoopState::leftovers`).
 /// While one of them has no leader, nothing begins: the step backs off and the loop asks again.
 fn end_leftovers(st: &mut LoopState) -> Result<(), Step> {
-    let id = st.producer.transactional_id();
-    let Some(partitions) = st.leftovers.get(id) else {
-        return Ok(());
-    };
-    match st.producer.abort_leftovers(partitions) {
-        Ok(true) => {
-            st.leftovers.remove(id);
-            Ok(())
-        }
+    match end_leftovers_of(&st.producer, &mut st.leftovers) {
+        Ok(true) => Ok(()),
         Ok(false) => {
+            let id = st.producer.transactional_id();
             tracing::warn!(
                 transactional_id = id,
-                ?partitions,
+                partitions = ?st.leftovers.get(id),
                 "an aborted transaction may have left records in partitions without a leader; \
                  waiting for their leaders to end them with an abort marker before the next \
                  transaction"
@@ -1899,17 +1893,28 @@ fn end_leftovers_before_stopping(st: &mut LoopState) {
         ..
     } = st;
     for p in [&*producer, &*idle] {
-        let Some(partitions) = leftovers.get(p.transactional_id()) else {
-            continue;
-        };
-        match p.abort_leftovers(partitions) {
-            Ok(true) => {
-                leftovers.remove(p.transactional_id());
-            }
-            Ok(false) => {}
-            Err(e) => tracing::debug!(error = %e, "ending leftovers while stopping failed"),
+        if let Err(e) = end_leftovers_of(p, leftovers) {
+            tracing::debug!(error = %e, "ending leftovers while stopping failed");
         }
     }
+}
+
+/// Ends what `leftovers` holds for `producer`'s transactional id with abort markers of its own
+/// ([`TxProducer::abort_leftovers`]), and forgets them once ended. `Ok(true)` when nothing is
+/// left for the id; `Ok(false)` while one of its partitions has no leader.
+fn end_leftovers_of(
+    producer: &TxProducer,
+    leftovers: &mut BTreeMap<String, BTreeSet<(String, i32)>>,
+) -> Result<bool, Error> {
+    let id = producer.transactional_id();
+    let Some(partitions) = leftovers.get(id) else {
+        return Ok(true);
+    };
+    let ended = producer.abort_leftovers(partitions)?;
+    if ended {
+        leftovers.remove(id);
+    }
+    Ok(ended)
 }
 
 /// How long the loop waits before asking again whether the partitions of

@@ -170,12 +170,21 @@ fn acls(user: &str, t: &Topics, grants: &[Grant]) -> Vec<Acl> {
 
 /// The pipeline's configuration as `user`, through the SASL listener.
 fn config_as(kafka: &Kafka, user: &str, t: &Topics) -> PipelineConfigBuilder {
-    test_config(kafka, &t.app, "0", &t.input)
-        .bootstrap_servers(kafka.sasl_bootstrap_servers().expect("a SASL listener"))
-        .kafka_property("security.protocol", "SASL_PLAINTEXT")
-        .kafka_property("sasl.mechanism", "PLAIN")
-        .kafka_property("sasl.username", user)
-        .kafka_property("sasl.password", password(user))
+    sasl_properties(user).into_iter().fold(
+        test_config(kafka, &t.app, "0", &t.input)
+            .bootstrap_servers(kafka.sasl_bootstrap_servers().expect("a SASL listener")),
+        |config, (k, v)| config.kafka_property(k, v),
+    )
+}
+
+/// The client properties of `user` on the broker's SASL listener.
+fn sasl_properties(user: &str) -> [(&'static str, String); 4] {
+    [
+        ("security.protocol", "SASL_PLAINTEXT".to_owned()),
+        ("sasl.mechanism", "PLAIN".to_owned()),
+        ("sasl.username", user.to_owned()),
+        ("sasl.password", password(user)),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,14 +356,11 @@ async fn the_offset_toolkit_refused_a_topic_names_describe() {
     let mut conn = onceflow::offsets::Connection::new(
         kafka.sasl_bootstrap_servers().expect("a SASL listener"),
     );
-    for (k, v) in [
-        ("security.protocol", "SASL_PLAINTEXT".to_owned()),
-        ("sasl.mechanism", "PLAIN".to_owned()),
-        ("sasl.username", "toolkit".to_owned()),
-        ("sasl.password", password("toolkit")),
-    ] {
-        conn.properties.insert(k.to_owned(), v);
-    }
+    conn.properties.extend(
+        sasl_properties("toolkit")
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v)),
+    );
     let topic = t.input.clone();
     // The toolkit's calls block on librdkafka: off the async executor.
     let result =
