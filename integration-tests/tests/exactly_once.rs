@@ -236,6 +236,113 @@ async fn retried_records_appear_once_committed_while_aborted_copies_show_uncommi
     );
 }
 
+/// Fails the first attempt of one record with `retry`; passes everything else through.
+struct RetryOnce {
+    out: String,
+    id: u64,
+    failed: AtomicBool,
+}
+
+#[onceflow::async_trait]
+impl Processor for RetryOnce {
+    type Input = Event;
+
+    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
+        if r.value.id == self.id && !self.failed.swap(true, Ordering::SeqCst) {
+            return Err(ProcessError::retry(format!(
+                "simulated transient failure of event {}",
+                r.value.id
+            )));
+        }
+        out.send(
+            OutputRecord::to(&self.out)
+                .key(r.value.user.as_str())
+                .json(&enrich(&r.value))?,
+        );
+        Ok(())
+    }
+}
+
+/// The key of the record the runtime sends, in a transaction it aborts, to end what an aborted
+/// transaction may have left open in a partition (docs/guide.md, "A broker bug this works
+/// around").
+const LEFTOVER_KEY: &[u8] = b"onceflow.abort-leftovers";
+
+/// Every abort whose transaction had outputs acknowledged leaves them to be ended with an abort
+/// marker of the runtime's own before that producer's next transaction (KAFKA-20734). Here the
+/// producer of the aborted transaction never gets a next one before the stop — the retry and
+/// everything after it commit on the other producer, in one transaction — so only the stop
+/// can end them: the partition's last record, read uncommitted, must be that marker's record,
+/// written after the retry's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_an_abort_ends_the_aborted_transactions_leftovers() {
+    init_tracing();
+    let kafka = Kafka::shared().await.expect("broker");
+    println!("broker: {}", kafka.describe());
+    let t = setup(kafka, "eos-stop-leftovers", 1, 1).await;
+    let input = events(11, 3);
+    let (first, last) = input.split_at(10);
+
+    let config = test_config(kafka, &t.app, "0", &t.input)
+        .retry_backoff(Duration::from_millis(5))
+        // The first transaction stays open (its interval is long) until the 11th record
+        // fills it; the retry's transaction takes all 11 at once, is full, and commits at
+        // once. So the aborted transaction's producer has no transaction after it.
+        .commit_interval(Duration::from_secs(20))
+        .transaction_timeout(Duration::from_secs(60))
+        .max_records_per_transaction(11)
+        // Outputs must be acknowledged before the abort for it to leave anything behind.
+        .producer_property("linger.ms", "0")
+        .build()
+        .expect("config");
+    let running = Running::start(Pipeline::new(
+        config,
+        RetryOnce {
+            out: t.output.clone(),
+            id: last[0].id,
+            failed: AtomicBool::new(false),
+        },
+    ));
+    produce_events(kafka, &t.input, first).await;
+    let started = std::time::Instant::now();
+    while read(kafka, &t.output, Isolation::ReadUncommitted)
+        .await
+        .len()
+        < first.len()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the first transaction's outputs never reached the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Their delivery reports, which note the partition, are served within a poll or two.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    produce_events(kafka, &t.input, last).await;
+    wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
+    let summary = running.stop().await;
+
+    let committed = read(kafka, &t.output, Isolation::ReadCommitted).await;
+    verify(&input, &committed, 1).assert_exactly_once();
+    let uncommitted = read(kafka, &t.output, Isolation::ReadUncommitted).await;
+    let keys: Vec<String> = uncommitted
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned())
+        .collect();
+    let marker_key = String::from_utf8_lossy(LEFTOVER_KEY);
+    let markers = keys.iter().filter(|k| **k == marker_key).count();
+    assert_eq!(
+        summary.transactions_committed, 1,
+        "the retry must commit in one transaction: {summary:?}"
+    );
+    assert_eq!(
+        (uncommitted.len(), markers, keys.last().map(String::as_str)),
+        (first.len() + input.len() + 1, 1, Some(&*marker_key)),
+        "read uncommitted: the aborted outputs, the committed ones, then the one record of the \
+         abort marker the stop wrote ({summary:?})"
+    );
+}
+
 /// Dead-letters events with `id % 97 == 13`; always retries events with `id % 331 == 5`.
 struct Picky {
     out: String,
