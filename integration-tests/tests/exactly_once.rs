@@ -160,18 +160,30 @@ async fn ten_thousand_keyed_records_come_out_exactly_once_in_order_on_java_parti
     assert_eq!(differing, 0, "outputs whose timestamp is not their input's");
 }
 
-/// Fails the first attempt of every 7th record with `retry`.
-struct FlakyEvery7th {
+/// Fails the first attempt of each record whose id `fails` picks with `retry`; passes
+/// everything else through, enriched.
+struct RetryFirstAttempt {
     out: String,
+    fails: Box<dyn Fn(u64) -> bool + Send + Sync>,
     failed_once: Mutex<HashSet<u64>>,
 }
 
+impl RetryFirstAttempt {
+    fn new(out: &str, fails: impl Fn(u64) -> bool + Send + Sync + 'static) -> Self {
+        Self {
+            out: out.to_owned(),
+            fails: Box::new(fails),
+            failed_once: Mutex::default(),
+        }
+    }
+}
+
 #[onceflow::async_trait]
-impl Processor for FlakyEvery7th {
+impl Processor for RetryFirstAttempt {
     type Input = Event;
 
     async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
-        if r.value.id.is_multiple_of(7) {
+        if (self.fails)(r.value.id) {
             let first_attempt = self.failed_once.lock().expect("lock").insert(r.value.id);
             if first_attempt {
                 return Err(ProcessError::retry(format!(
@@ -209,10 +221,8 @@ async fn retried_records_appear_once_committed_while_aborted_copies_show_uncommi
         .expect("config");
     let running = Running::start(Pipeline::new(
         config,
-        FlakyEvery7th {
-            out: t.output.clone(),
-            failed_once: Mutex::default(),
-        },
+        // Every 7th record fails once.
+        RetryFirstAttempt::new(&t.output, |id| id.is_multiple_of(7)),
     ));
     wait_caught_up(kafka, &t.app, &t.input, CATCH_UP).await;
     let summary = running.stop().await;
@@ -234,33 +244,6 @@ async fn retried_records_appear_once_committed_while_aborted_copies_show_uncommi
          {} transactions aborted, {} committed",
         summary.transactions_aborted, summary.transactions_committed
     );
-}
-
-/// Fails the first attempt of one record with `retry`; passes everything else through.
-struct RetryOnce {
-    out: String,
-    id: u64,
-    failed: AtomicBool,
-}
-
-#[onceflow::async_trait]
-impl Processor for RetryOnce {
-    type Input = Event;
-
-    async fn process(&self, r: &Record<Event>, out: &mut Output) -> Result<(), ProcessError> {
-        if r.value.id == self.id && !self.failed.swap(true, Ordering::SeqCst) {
-            return Err(ProcessError::retry(format!(
-                "simulated transient failure of event {}",
-                r.value.id
-            )));
-        }
-        out.send(
-            OutputRecord::to(&self.out)
-                .key(r.value.user.as_str())
-                .json(&enrich(&r.value))?,
-        );
-        Ok(())
-    }
 }
 
 /// The key of the record the runtime sends, in a transaction it aborts, to end what an aborted
@@ -297,11 +280,10 @@ async fn a_stop_right_after_an_abort_ends_the_aborted_transactions_leftovers() {
         .expect("config");
     let running = Running::start(Pipeline::new(
         config,
-        RetryOnce {
-            out: t.output.clone(),
-            id: last[0].id,
-            failed: AtomicBool::new(false),
-        },
+        RetryFirstAttempt::new(&t.output, {
+            let id = last[0].id;
+            move |n| n == id
+        }),
     ));
     produce_events(kafka, &t.input, first).await;
     let started = std::time::Instant::now();
