@@ -108,6 +108,7 @@ pub use pipeline::Pipeline;
 pub use processor::{
     IntoTopic, Output, OutputRecord, ProcessError, Processor, Record, TopicPartition,
 };
+pub use producer::LEFTOVER_KEY;
 pub use shutdown::ShutdownHandle;
 pub use transaction::RunSummary;
 

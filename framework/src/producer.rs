@@ -45,8 +45,12 @@ const RETRY_WINDOW_FACTOR: u32 = 3;
 /// How long [`TxProducer::failed_topic_gone`] waits for the cluster's metadata.
 const TOPIC_QUESTION_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The key of the records [`TxProducer::abort_leftovers`] sends (and aborts).
-pub(crate) const LEFTOVER_KEY: &[u8] = b"onceflow.abort-leftovers";
+/// The key of the one-record transactions the runtime writes, and aborts, into an output
+/// partition to end what an aborted transaction may have left open there (a Kafka bug,
+/// KAFKA-20734; the guide's section 5, "A broker bug this works around"). Their value is empty.
+/// `read_committed` readers never see them; a `read_uncommitted` reader of an output topic
+/// does, as it sees every aborted record, and can recognise them by this key.
+pub const LEFTOVER_KEY: &[u8] = b"onceflow.abort-leftovers";
 
 /// How long past its own timeout a watched call may take before the producer is given up as
 /// hung (see [`watched`]). librdkafka enforces a call's timeout on its own threads and returns

@@ -246,11 +246,6 @@ async fn retried_records_appear_once_committed_while_aborted_copies_show_uncommi
     );
 }
 
-/// The key of the record the runtime sends, in a transaction it aborts, to end what an aborted
-/// transaction may have left open in a partition (docs/guide.md, "A broker bug this works
-/// around").
-const LEFTOVER_KEY: &[u8] = b"onceflow.abort-leftovers";
-
 /// Every abort whose transaction had outputs acknowledged leaves them to be ended with an abort
 /// marker of the runtime's own before that producer's next transaction (KAFKA-20734). Here the
 /// producer of the aborted transaction never gets a next one before the stop — the retry and
@@ -311,7 +306,7 @@ async fn a_stop_right_after_an_abort_ends_the_aborted_transactions_leftovers() {
         .iter()
         .map(|r| String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).into_owned())
         .collect();
-    let marker_key = String::from_utf8_lossy(LEFTOVER_KEY);
+    let marker_key = String::from_utf8_lossy(onceflow::LEFTOVER_KEY);
     let markers = keys.iter().filter(|k| **k == marker_key).count();
     assert_eq!(
         summary.transactions_committed, 1,
